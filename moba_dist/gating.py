@@ -1,0 +1,119 @@
+"""MoBA gating as pure tensor functions: block summaries and top-k block selection.
+
+Semantics (DESIGN §1 steps 2-4): the summary of a block is the mean of its keys per kv head,
+accumulated in float32 (float64 for float64 inputs); query ``i`` scores every strictly past
+block of its own sequence by ``<q_i, mean(K_j)>`` (no softmax scale, no gradient) and keeps the
+``topk - 1`` best, ties going to the lower block index; its current block is always added
+separately by the attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.base import accum_dtype
+
+GATE_TILE_ELEMS = 1 << 27  # score elements per gating tile (512 MiB in float32)
+SUM_TILE_ELEMS = 1 << 27  # key elements gathered per summary tile
+
+
+@torch.no_grad()
+def block_part_sums(k: torch.Tensor, part_start: torch.Tensor, part_len: torch.Tensor,
+                    max_len: int) -> torch.Tensor:
+    """Sum of key rows over each part ``[part_start[p], part_start[p] + part_len[p])`` of ``k``.
+
+    Args:
+        k: ``[n, Hkv, D]`` local keys.
+        part_start, part_len: ``[P]`` int64 on ``k``'s device, rows local to ``k``.
+        max_len: host bound on ``part_len`` (the block size).
+
+    Returns:
+        ``[P, Hkv, D]`` in the accumulation dtype. Deterministic: each part is a padded dense
+        reduction, never an atomic scatter, so equal blocks give bitwise-equal sums.
+    """
+    acc = accum_dtype(k.dtype)
+    n_parts = part_start.numel()
+    out = torch.zeros(n_parts, *k.shape[1:], dtype=acc, device=k.device)
+    if n_parts == 0 or max_len == 0:
+        return out
+    ar = torch.arange(max_len, device=k.device)
+    step = max(1, SUM_TILE_ELEMS // (max_len * k.shape[1] * k.shape[2]))
+    for a in range(0, n_parts, step):
+        rows = part_start[a:a + step, None] + ar
+        valid = ar < part_len[a:a + step, None]
+        gathered = k[torch.where(valid, rows, 0)].to(acc)
+        out[a:a + step] = (gathered * valid[..., None, None]).sum(1)
+    return out
+
+
+def gate_tiles(layout, q_begin: int, n: int, num_heads: int,
+               max_elems: int = GATE_TILE_ELEMS) -> list[tuple[int, int, int, int]]:
+    """Host plan of gating tiles for the local query rows ``[0, n)`` at global positions
+    ``q_begin + row``: a list of ``(row_a, row_b, block_lo, block_hi)`` where the tile's queries
+    may only pick blocks in ``[block_lo, block_hi)``. Tiles with no candidate are left out."""
+    if n == 0:
+        return []
+    blk = layout.block_of(torch.tensor([q_begin, q_begin + n - 1]))
+    widest = int((torch.arange(int(blk[0]), int(blk[1]) + 1)
+                  - layout.first_block[int(blk[0]):int(blk[1]) + 1]).max())
+    step = max(layout.chunk, max_elems // (num_heads * max(widest, 1)))
+    starts = torch.arange(0, n, step)
+    stops = torch.clamp(starts + step, max=n)
+    first_blk = layout.block_of(q_begin + starts)
+    lo = layout.first_block[first_blk]
+    hi = layout.block_of(q_begin + stops - 1)
+    keep = hi > lo
+    return [tuple(t) for t in torch.stack([starts, stops, lo, hi], 1)[keep].tolist()]
+
+
+def topk_lowest_index_ties(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest ``scores`` along the last dim among ``valid`` entries, ties
+    broken toward the lower index; ``-1`` pads rows with fewer than ``k`` valid entries.
+
+    ``torch.topk`` does not promise which of equal values it returns, so it only supplies the
+    k-th value; the choice among entries equal to it is made by position.
+    """
+    scores = scores.masked_fill(~valid, float("-inf"))
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = (scores == kth) & valid
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    # Compact chosen positions into k slots in index order; unchosen go to a dummy slot k.
+    slot = torch.where(chosen, chosen.cumsum(-1) - 1, k)
+    idx = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.int64, device=scores.device)
+    return out.scatter_(-1, slot, idx)[..., :k]
+
+
+@torch.no_grad()
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
+                  q_first_block: torch.Tensor, topk: int, tiles) -> torch.Tensor:
+    """Top-(topk-1) past blocks of every local query and head.
+
+    Args:
+        q: ``[n, Hq, D]`` local queries.
+        summaries: ``[N, Hkv, D]`` block means of the whole stream (accumulation dtype).
+        q_block, q_first_block: ``[n]`` int64 device tensors, each query's current block and the
+            first block of its sequence (global ids).
+        topk: MoBA's top-k, counting the current block.
+        tiles: from :func:`gate_tiles`.
+
+    Returns:
+        ``[n, Hq, topk - 1]`` int64 global block ids, ``-1`` where a query has fewer past blocks.
+    """
+    n, hq, d = q.shape
+    hkv = summaries.shape[1]
+    sel = torch.full((n, hq, max(topk - 1, 0)), -1, dtype=torch.int64, device=q.device)
+    if topk <= 1:
+        return sel
+    acc = summaries.dtype
+    for a, b, lo, hi in tiles:
+        qt = q[a:b].to(acc).view(b - a, hkv, hq // hkv, d)
+        s = torch.einsum("tkgd,rkd->tkgr", qt, summaries[lo:hi]).reshape(b - a, hq, hi - lo)
+        j = torch.arange(lo, hi, device=q.device)
+        valid = (j >= q_first_block[a:b, None]) & (j < q_block[a:b, None])
+        kk = min(topk - 1, hi - lo)
+        idx = topk_lowest_index_ties(s, valid[:, None, :].expand_as(s), kk)
+        sel[a:b, :, :kk] = torch.where(idx >= 0, idx + lo, -1)
+    return sel

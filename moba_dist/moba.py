@@ -1,0 +1,73 @@
+"""Single-device MoBA: ``moba_attn_varlen`` (MoonshotAI's interface, exact semantics)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_cu_seqlens, check_positive_int, check_qkv, check_scale
+from .kernels import varlen_attn_with_lse
+from .parallel.moba_cp import moba_pipeline
+from .stats import MoBAStats, record
+
+
+def moba_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    moba_chunk_size: int,
+    moba_topk: int,
+    *,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mixture of Block Attention over a packed varlen batch on one device.
+
+    Each sequence is cut into blocks of ``moba_chunk_size`` tokens; query ``i`` attends causally
+    to its own block plus the ``moba_topk - 1`` past blocks of its sequence whose mean key scores
+    highest against it (``<q_i, mean(K_j)>`` in float32, ties to the lower block). See
+    DESIGN.md §1 for the full contract.
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0``. float32/float64 on CPU,
+            bf16/fp16/float32 on CUDA.
+        cu_seqlens: int32 ``[B + 1]`` sequence boundaries (``0``, non-decreasing, ``T``).
+        max_seqlen: longest sequence (kept for interface compatibility; validated against
+            ``cu_seqlens``).
+        moba_chunk_size: block size in tokens.
+        moba_topk: blocks per query including its current block; 1 means the current block only.
+        softmax_scale: defaults to ``D ** -0.5``.
+        backend: attention kernel backend (see ``moba_dist.kernels``); default automatic.
+
+    Returns:
+        ``[T, Hq, D]`` in q's dtype; differentiable in q, k, v.
+
+    Memory: besides inputs and output, peak extra memory is about
+    ``T * Hq * (topk - 1) * D`` elements for the gathered (query, head) rows of the selected
+    part and their partial outputs (x2 in backward), ``2 * T * Hkv * D`` for head-major K/V,
+    ``T * Hq * topk`` int64 for the selection and ``min(T, GATE_TILE) * Hq * ceil(L_max / chunk)``
+    float32 gate scores per gating tile (``moba_dist.gating.GATE_TILE_ELEMS``). Nothing is
+    ``O(T^2)`` and no mask is built.
+
+    Host syncs: ``cu_seqlens`` is read on the host once, and the per-(head, block) selection
+    counts once, to size the varlen kernels.
+    """
+    check_qkv(q, k, v)
+    cu = check_cu_seqlens(cu_seqlens, q.shape[0])
+    chunk = check_positive_int("moba_chunk_size", moba_chunk_size)
+    topk = check_positive_int("moba_topk", moba_topk)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    longest = int(cu.diff().max())
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < longest:
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
+    offsets = torch.tensor([0, q.shape[0]], dtype=torch.int64)
+    if topk * chunk >= longest:
+        # Every past block is selected: MoBA is exactly full causal attention.
+        cu_dev = cu.to(device=q.device, dtype=torch.int32)
+        out, _ = varlen_attn_with_lse(q, k, v, cu_dev, cu_dev, longest, longest,
+                                      softmax_scale=scale, causal=True, backend=backend)
+        record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=1,
+                         selected_blocks_per_query=float("nan")))
+        return out
+    return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, None, backend)

@@ -1,0 +1,45 @@
+"""Statistics of the last MoBA call in this process, for users to read after a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoBAStats:
+    """What one ``moba_attn_varlen``/``moba_attn_varlen_cp`` call did on this rank.
+
+    Byte figures are per rank and count only traffic to or from *other* ranks.
+    ``bytes_sent``/``bytes_received`` map a collective's name to its measured bytes
+    (``kv_fetch.backward`` appears once backward has run); ``planned_fetch_bytes`` is the
+    all-to-all volume the planner predicted, and ``allgather_kv_bytes`` what an all-gather of the
+    whole K and V would have brought to this rank instead.
+    """
+
+    path: str = "moba"  # "moba", or "ring" when top-k covered every sequence
+    world_size: int = 1
+    rank: int = 0
+    local_tokens: int = 0
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    planned_fetch_bytes: int = 0
+    fetched_pairs: int = 0  # (block, kv head) items received from other ranks
+    allgather_kv_pairs: int = 0  # (block, kv head) items an all-gather of K and V would bring
+    allgather_kv_bytes: int = 0
+    selected_blocks_per_query: float = 0.0  # mean over (query, head), current block included
+    host_syncs: int = 0
+
+
+_last: MoBAStats | None = None
+
+
+def record(stats: MoBAStats) -> None:
+    global _last
+    _last = stats
+
+
+def last_stats() -> MoBAStats | None:
+    """The :class:`MoBAStats` of the most recent MoBA call in this process (None before any).
+
+    The ``bytes_*`` dicts are live: backward adds its all-to-all to them when it runs."""
+    return _last
