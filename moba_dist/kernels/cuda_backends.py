@@ -1,7 +1,9 @@
 """CUDA backends: PyTorch's bundled FlashAttention-2 and the flash-attn package.
 
 Both take flash-attn's varlen layout directly and return LSE as ``[Hq, Tq]`` float32, so they
-are thin adapters. Neither syncs with the host. Both accept fp16/bf16 and head dims up to 256
+are thin adapters. Neither syncs with the host. FlashAttention-2 reports ``lse = +inf`` for a row
+that sees no key; the adapters turn that into the interface's ``-inf`` (log of an empty sum), which
+is what an LSE merge needs. Both accept fp16/bf16 and head dims up to 256
 (multiples of 8).
 """
 
@@ -14,6 +16,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _cuda_half(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     return device.type == "cuda" and dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0
+
+
+def _empty_rows_to_neg_inf(lse: torch.Tensor) -> torch.Tensor:
+    return lse.masked_fill_(torch.isposinf(lse), float("-inf"))
 
 
 class AtenFlashBackend:
@@ -34,7 +40,7 @@ class AtenFlashBackend:
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal, False,
             scale=softmax_scale,
         )
-        return out, lse
+        return out, _empty_rows_to_neg_inf(lse)
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
@@ -69,7 +75,7 @@ class FlashAttnBackend:
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale,
             causal,
         )
-        return out, lse
+        return out, _empty_rows_to_neg_inf(lse)
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
