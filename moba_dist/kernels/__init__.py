@@ -13,7 +13,7 @@ Choose one explicitly with ``backend=`` on the public functions or with the envi
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -26,7 +26,7 @@ ENV_VAR = "MOBA_DIST_ATTN_BACKEND"
 _PREFERENCE = ("flash_attn", "aten_flash", "torch")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _registry() -> dict[str, AttnBackend]:
     return {b.name: b for b in (FlashAttnBackend(), AtenFlashBackend(), TorchBackend())}
 

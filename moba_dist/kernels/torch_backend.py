@@ -82,7 +82,7 @@ class TorchBackend:
         acc = accum_dtype(q.dtype)
         out = torch.zeros(tq, hq, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((hq, tq), float("-inf"), dtype=acc, device=q.device)
-        for qi, qvalid, ki, kvalid, allowed, causal_ok in self._groups(cu_seqlens_q, cu_seqlens_k, hq):
+        for qi, qvalid, ki, _kvalid, allowed, causal_ok in self._groups(cu_seqlens_q, cu_seqlens_k, hq):
             if causal:
                 allowed = allowed & causal_ok
             n, t = qi.shape

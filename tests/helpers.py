@@ -1,0 +1,56 @@
+"""Random varlen inputs and comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from moba_dist.reference import moba_selection_reference
+
+
+def make_cu(lengths) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def rand_qkv(total, hq, hkv, d, dtype=torch.float64, gen=None, device="cpu"):
+    mk = lambda h: torch.randn(total, h, d, dtype=dtype, generator=gen).to(device)  # noqa: E731
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def gate_margin(q, k, cu, chunk, topk) -> float:
+    """Smallest float64 gap between the last selected and the first unselected past block over all
+    queries and heads (inf when no choice is made). Large margins make float32 gating unambiguous."""
+    best = float("inf")
+    if topk < 2:
+        return best
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e - s <= chunk:
+            continue
+        qs, ks = q[s:e].double(), k[s:e].double()
+        nb = -(-(e - s) // chunk)
+        means = torch.stack([ks[j * chunk:(j + 1) * chunk].mean(0) for j in range(nb)])
+        means = means.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        gate = torch.einsum("ihd,jhd->hij", qs, means)
+        for i in range(e - s):
+            b = i // chunk
+            if b < topk:  # fewer past blocks than slots: everything is selected
+                continue
+            top = gate[:, i, :b].sort(dim=-1, descending=True).values
+            best = min(best, float((top[:, topk - 2] - top[:, topk - 1]).min()))
+    return best
+
+
+def assert_close(actual, expected, dtype, what=""):
+    if dtype == torch.float64:
+        err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+        assert err <= 1e-10, f"{what}: max abs error {err}"
+    else:
+        scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
+        err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+        assert err <= 1e-5 * scale, f"{what}: max abs error {err} (scale {scale})"
+
+
+__all__ = ["make_cu", "rand_qkv", "gate_margin", "assert_close", "moba_selection_reference"]
