@@ -21,24 +21,60 @@ from .kernels import AttnBackend, merge_lse
 
 
 @dataclass(frozen=True)
+class SelBatch:
+    """A run of consecutive selected-part segments processed together (bounds memory)."""
+
+    pairs: slice  # into pair_row
+    rows: slice  # into k_sel / v_sel
+    cu_q: torch.Tensor  # int32 [segments + 1], device, relative to the batch
+    cu_k: torch.Tensor
+    max_q: int
+
+
+@dataclass(frozen=True)
 class CoreMeta:
-    """Host sizes and device offsets of the two kernel calls."""
+    """Host sizes and device offsets of the kernel calls."""
 
     cu_q_self: torch.Tensor  # int32 [P + 1], device
     cu_k_self: torch.Tensor
     max_q_self: int
     max_k_self: int
-    cu_q_sel: torch.Tensor  # int32 [S + 1], device
-    cu_k_sel: torch.Tensor
-    max_q_sel: int
+    sel_batches: list[SelBatch]
     max_k_sel: int
-    num_pairs: int
     softmax_scale: float
     backend: AttnBackend
 
 
+def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, max_pairs: int, device) -> list[SelBatch]:
+    """Group consecutive segments so each batch gathers at most ``max_pairs`` (query, head) rows
+    (a single larger segment gets a batch of its own). Host tensors in, device offsets out."""
+    batches = []
+    n_seg = seg_counts.numel()
+    pair_cu = torch.cat([seg_counts.new_zeros(1), torch.cumsum(seg_counts, 0)])
+    row_cu = torch.cat([seg_len.new_zeros(1), torch.cumsum(seg_len, 0)])
+    a = 0
+    while a < n_seg:
+        b = int(torch.searchsorted(pair_cu, pair_cu[a] + max_pairs, right=True)) - 1
+        b = min(max(b, a + 1), n_seg)
+        if int(pair_cu[b] - pair_cu[a]):
+            batches.append(SelBatch(
+                pairs=slice(int(pair_cu[a]), int(pair_cu[b])),
+                rows=slice(int(row_cu[a]), int(row_cu[b])),
+                cu_q=(pair_cu[a:b + 1] - pair_cu[a]).to(device=device, dtype=torch.int32),
+                cu_k=(row_cu[a:b + 1] - row_cu[a]).to(device=device, dtype=torch.int32),
+                max_q=int(seg_counts[a:b].max()),
+            ))
+        a = b
+    return batches
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _pick(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``t * Hq + h`` of ``x [n, Hq, D]`` as ``[len(rows), 1, D]``."""
+    return _flat(x)[rows].unsqueeze(1)
 
 
 class MoBACore(torch.autograd.Function):
@@ -47,6 +83,9 @@ class MoBACore(torch.autograd.Function):
     Inputs: ``q [n, Hq, D]``; ``k_self, v_self [p + n, Hkv, D]``; ``k_sel, v_sel [R, 1, D]`` the
     selected blocks' rows, head-major by segment; ``pair_row [num_pairs]`` the flat ``t * Hq + h``
     row of each selected (query, head) pair, sorted by segment. Output ``[n, Hq, D]``, q's dtype.
+
+    The selected part runs in batches of consecutive segments (``meta.sel_batches``) so that the
+    gathered query rows, partial outputs and their gradients never exceed one batch at a time.
     """
 
     @staticmethod
@@ -59,14 +98,15 @@ class MoBACore(torch.autograd.Function):
             return torch.zeros_like(q)
         out, lse = be.forward(q, k_self, v_self, meta.cu_q_self, meta.cu_k_self, meta.max_q_self,
                               meta.max_k_self, scale, True)
-        if meta.num_pairs:
-            q_sel = _flat(q)[pair_row].unsqueeze(1)
-            o_sel, lse_sel = be.forward(q_sel, k_sel, v_sel, meta.cu_q_sel, meta.cu_k_sel,
-                                        meta.max_q_sel, meta.max_k_sel, scale, False)
-            merged, merged_lse = merge_lse(_flat(out), lse.t().reshape(-1), o_sel[:, 0],
-                                           lse_sel[0], pair_row)
-            out = merged.to(q.dtype).view(n, hq, -1)
-            lse = merged_lse.view(n, hq).t().contiguous()
+        if meta.sel_batches:
+            acc_out, acc_lse = _flat(out), lse.t().reshape(-1)
+            for b in meta.sel_batches:
+                rows = pair_row[b.pairs]
+                o_sel, lse_sel = be.forward(_pick(q, rows), k_sel[b.rows], v_sel[b.rows],
+                                            b.cu_q, b.cu_k, b.max_q, meta.max_k_sel, scale, False)
+                acc_out, acc_lse = merge_lse(acc_out, acc_lse, o_sel[:, 0], lse_sel[0], rows)
+            out = acc_out.to(q.dtype).view(n, hq, -1)
+            lse = acc_lse.view(n, hq).t().contiguous()
         ctx.save_for_backward(q, k_self, v_self, k_sel, v_sel, pair_row, out, lse)
         return out
 
@@ -84,13 +124,18 @@ class MoBACore(torch.autograd.Function):
         # Zeros rather than None when nothing was selected: the gradient must still reach the
         # all-to-all so that its backward collective runs on every rank.
         dk_sel, dv_sel = torch.zeros_like(k_sel), torch.zeros_like(v_sel)
-        if meta.num_pairs:
-            rows = lambda x: _flat(x)[pair_row].unsqueeze(1)  # noqa: E731
-            lse_sel = lse.t().reshape(-1)[pair_row].unsqueeze(0).contiguous()
-            dq_sel, dk_sel, dv_sel = be.backward(rows(dout), rows(q), k_sel, v_sel, rows(out),
-                                                 lse_sel, meta.cu_q_sel, meta.cu_k_sel,
-                                                 meta.max_q_sel, meta.max_k_sel, scale, False)
+        if meta.sel_batches:
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-            dq = _flat(dq).to(acc).index_add_(0, pair_row, dq_sel[:, 0].to(acc))
+            dq = _flat(dq).to(acc)
+            lse_rows = lse.t().reshape(-1)
+            for b in meta.sel_batches:
+                rows = pair_row[b.pairs]
+                dq_b, dk_b, dv_b = be.backward(_pick(dout, rows), _pick(q, rows), k_sel[b.rows],
+                                               v_sel[b.rows], _pick(out, rows),
+                                               lse_rows[rows].unsqueeze(0).contiguous(),
+                                               b.cu_q, b.cu_k, b.max_q, meta.max_k_sel, scale, False)
+                dq.index_add_(0, rows, dq_b[:, 0].to(acc))
+                dk_sel[b.rows] = dk_b
+                dv_sel[b.rows] = dv_b
             dq = dq.to(q.dtype).view(q.shape)
         return dq, dk_self, dv_self, dk_sel, dv_sel, None, None

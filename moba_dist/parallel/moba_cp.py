@@ -18,15 +18,22 @@ Host syncs (both needed to size the all-to-all, nothing else waits on the device
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..blocks import BlockLayout
-from ..core import CoreMeta, MoBACore
+from ..core import CoreMeta, MoBACore, sel_batches
 from ..gating import block_part_sums, gate_tiles, select_blocks
 from ..kernels import get_backend
 from ..stats import MoBAStats, record
 from .comm import Comm
 from .plan import fetch_plan, local_plan, remote_need
+
+
+def pair_batch_size() -> int:
+    """(query, head) rows of the selected part gathered at once; ``$MOBA_DIST_PAIR_BATCH``."""
+    return int(os.environ.get("MOBA_DIST_PAIR_BATCH", 1 << 23))
 
 
 def _cu(lengths: torch.Tensor, device, first_extra: int = 0) -> torch.Tensor:
@@ -112,11 +119,8 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
         cu_k_self=_cu(part_len, dev, lp.prefix_len),
         max_q_self=int(part_len.max()) if n else 0,
         max_k_self=int(part_len.max()) + lp.prefix_len if n else 0,
-        cu_q_sel=_cu(seg_counts, dev),
-        cu_k_sel=_cu(fp.seg_len, dev),
-        max_q_sel=int(seg_counts.max()) if num_pairs else 0,
+        sel_batches=sel_batches(seg_counts, fp.seg_len, pair_batch_size(), dev),
         max_k_sel=chunk,
-        num_pairs=num_pairs,
         softmax_scale=softmax_scale,
         backend=get_backend(dev, q.dtype, d, backend),
     )
