@@ -45,8 +45,8 @@ class AtenFlashBackend:
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
         # Dropout is off, so the RNG state the kernel would read is never used.
-        rng = torch.empty(2, dtype=torch.uint64, device=q.device)
-        unused = torch.empty((), dtype=torch.uint64, device=q.device)
+        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = torch.empty(0, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             dout.contiguous(), q, k, v, out, lse.contiguous(), cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, 0.0, causal, rng, unused, scale=softmax_scale,

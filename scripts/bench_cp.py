@@ -1,0 +1,118 @@
+"""Context-parallel MoBA on W GPUs: correctness against single-GPU moba_attn_varlen, then
+forward+backward time, peak memory and bytes fetched per rank.
+
+    torchrun --nproc-per-node 4 scripts/bench_cp.py [--check-size 262144] [--sizes 262144,1048576]
+    torchrun --nproc-per-node 2 scripts/bench_cp.py --cpu --check-size 512 --sizes 1024  # smoke
+
+One sequence; Hq 16, Hkv 4, D 128, bf16; chunk 4096, topk 12 by default. Every rank draws the
+same full tensors from one seed and keeps its contiguous slice; for the check each rank also
+runs the single-GPU function on the full tensors and compares its slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from benchutil import moba_flops, time_fwd_bwd  # noqa: E402
+
+import moba_dist  # noqa: E402
+
+
+def full_inputs(t, a, dev, dtype):
+    g = torch.Generator(device=dev).manual_seed(t)
+    return [torch.randn(t, h, a.d, device=dev, generator=g).to(dtype) for h in (a.hq, a.hkv, a.hkv, a.hq)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-size", type=int, default=262144)
+    ap.add_argument("--sizes", default="262144,1048576")
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--topk", type=int, default=12)
+    ap.add_argument("--hq", type=int, default=16)
+    ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--head-dim", dest="d", type=int, default=128)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dist.init_process_group("gloo" if a.cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if a.cpu:
+        dev, dtype = torch.device("cpu"), torch.float32
+    else:
+        dev, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))), torch.bfloat16
+        torch.cuda.set_device(dev)
+    lines = []
+
+    def say(line):
+        if rank == 0:
+            print(line, flush=True)
+            lines.append(line)
+
+    if a.check_size:
+        t = a.check_size
+        q, k, v, go = full_inputs(t, a, dev, dtype)
+        cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = moba_dist.moba_attn_varlen(*xs, cu, t, a.chunk, a.topk, backend=a.backend)
+        ref.backward(go)
+        n = t // world
+        sl = slice(rank * n, (rank + 1) * n)
+        loc = [x[sl].clone().requires_grad_() for x in (q, k, v)]
+        out = moba_dist.moba_attn_varlen_cp(*loc, cu, a.chunk, a.topk, backend=a.backend)
+        out.backward(go[sl])
+        errs = []
+        for got, want in [(out, ref[sl]), (loc[0].grad, xs[0].grad[sl]), (loc[1].grad, xs[1].grad[sl]),
+                          (loc[2].grad, xs[2].grad[sl])]:
+            diff = (got.float() - want.float()).abs()
+            errs.append(torch.tensor([diff.max().item(), diff.mean().item()], device=dev))
+        errs = torch.stack(errs)
+        dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+        cells = " | ".join(f"{m:.2e} / {mean:.2e}" for m, mean in errs.tolist())
+        say(f"check T={t} W={world} chunk={a.chunk} topk={a.topk}: CP vs single-GPU moba_attn_varlen, "
+            "max abs / worst-rank mean abs error\n\n| out | dq | dk | dv |\n|---|---|---|---|\n| " + cells + " |\n")
+        del q, k, v, go, xs, ref, loc, out
+        if not a.cpu:
+            torch.cuda.empty_cache()
+
+    say("| T | W | fwd+bwd ms | TFLOP/s/GPU (useful) | peak GiB (max rank) | fetched MiB/rank (max; fwd) "
+        "| all-gather KV MiB/rank | (block, head) fetched / all-gather | blocks/query |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    for t in map(int, a.sizes.split(",")):
+        q, k, v, go = full_inputs(t, a, dev, dtype)
+        n = t // world
+        sl = slice(rank * n, (rank + 1) * n)
+        loc = [x[sl].contiguous().requires_grad_() for x in (q, k, v)]
+        gl = go[sl].contiguous()
+        del q, k, v, go
+        cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
+        fn = lambda q, k, v: moba_dist.moba_attn_varlen_cp(q, k, v, cu, a.chunk, a.topk,  # noqa: E731
+                                                            backend=a.backend)
+        ms, peak = time_fwd_bwd(fn, loc, gl, warmup=1, iters=2 if t >= 500_000 else 3)
+        st = moba_dist.last_stats()
+        vals = torch.tensor([ms, peak if peak == peak else 0.0, st.bytes_received.get("kv_fetch", 0),
+                             st.allgather_kv_bytes, st.fetched_pairs, st.allgather_kv_pairs,
+                             st.selected_blocks_per_query], dtype=torch.float64, device=dev)
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+        ms, peak, fetched, ag, fp, agp, spq = vals.tolist()
+        tflops = moba_flops(t, a.hq, a.d, a.chunk, a.topk) / world / ms / 1e9
+        say(f"| {t} | {world} | {ms:.0f} | {tflops:.0f} | {peak:.1f} | {fetched / 2**20:.1f} | "
+            f"{ag / 2**20:.1f} | {fp:.0f} / {agp:.0f} | {spq:.2f} |")
+        del loc, gl
+    if rank == 0 and a.out:
+        open(a.out, "w").write("\n".join(lines) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
