@@ -83,7 +83,9 @@ def _runnable(q: torch.Tensor) -> bool:
     return True
 
 
-def _why_not(name: str, q: torch.Tensor, cu_seqlens: torch.Tensor, world: int) -> str | None:
+def unavailable_reason(name: str, q: torch.Tensor, cu_seqlens: torch.Tensor, world: int) -> str | None:
+    """Why ``rfa_zigzag``/``rfa_llama3`` cannot run these inputs on ``world`` ranks (``None``: it
+    can). ``cu_seqlens`` is the global host tensor."""
     if not _runnable(q):
         return f"flash-attn cannot run {q.dtype} with head_dim={q.shape[-1]} on {q.device}"
     if load_ring_flash_attn() is None:
@@ -104,7 +106,7 @@ def pick_impl(impl: str | None, q: torch.Tensor, cu_seqlens: torch.Tensor, world
     if name == "ours" or (name == "auto" and backend is not None):
         return "ours"
     want = "rfa_zigzag" if name == "auto" else name
-    reason = _why_not(want, q, cu_seqlens, world)
+    reason = unavailable_reason(want, q, cu_seqlens, world)
     if reason is None:
         return want
     if name != "auto":
@@ -134,4 +136,4 @@ def run_llama3(q, k, v, cu_seqlens: torch.Tensor, rank: int, world: int, softmax
 
 
 __all__ = ["IMPLS", "IMPL_ENV", "import_algorithms", "load_ring_flash_attn", "pick_impl", "run_llama3",
-           "run_zigzag"]
+           "run_zigzag", "unavailable_reason"]
