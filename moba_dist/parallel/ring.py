@@ -46,9 +46,12 @@ _KV_TAG, _DKV_TAG = 0, 1
 
 
 def _device_calls(plan: RingPlan, device: torch.device):
-    """Per step: ``(call, cu_q, cu_k)`` with the cu tables on ``device`` (one small copy each)."""
-    return [[(c, c.cu_q.to(device, non_blocking=True), c.cu_k.to(device, non_blocking=True))
-             for c in step] for step in plan.calls]
+    """Per step: ``(call, cu_q, cu_k)`` with the cu tables on ``device``, all in one small copy."""
+    flat = [t for step in plan.calls for c in step for t in (c.cu_q, c.cu_k)]
+    if not flat:
+        return [[] for _ in plan.calls]
+    pieces = iter(torch.cat(flat).to(device, non_blocking=True).split([t.numel() for t in flat]))
+    return [[(c, next(pieces), next(pieces)) for c in step] for step in plan.calls]
 
 
 class RingAttention(torch.autograd.Function):
