@@ -70,9 +70,13 @@ def topk_lowest_index_ties(scores: torch.Tensor, valid: torch.Tensor, k: int) ->
     """Indices of the ``k`` highest ``scores`` along the last dim among ``valid`` entries, ties
     broken toward the lower index; ``-1`` pads rows with fewer than ``k`` valid entries.
 
-    ``torch.topk`` does not promise which of equal values it returns, so it only supplies the
-    k-th value; the choice among entries equal to it is made by position.
+    ``torch.topk`` does not promise which of equal values it returns. For float32 scores the
+    score's order-preserving bit pattern and the reversed index are packed into one int64 key, so
+    a single ``topk`` is exact; other dtypes take the k-th value from ``topk`` and choose among
+    entries equal to it by position.
     """
+    if scores.dtype == torch.float32:
+        return _topk_packed(scores, valid, k)
     scores = scores.masked_fill(~valid, float("-inf"))
     kth = scores.topk(k, dim=-1).values[..., -1:]
     above = scores > kth
@@ -84,6 +88,20 @@ def topk_lowest_index_ties(scores: torch.Tensor, valid: torch.Tensor, k: int) ->
     idx = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
     out = torch.full((*scores.shape[:-1], k + 1), -1, dtype=torch.int64, device=scores.device)
     return out.scatter_(-1, slot, idx)[..., :k]
+
+
+_INT64_MIN = -(2**63)
+
+
+def _topk_packed(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    width = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal scores, equal bits
+    # Negative floats order backwards as signed ints; flipping their magnitude bits fixes that.
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rev = width - 1 - torch.arange(width, device=scores.device)
+    key = torch.where(valid, (bits << 32) | rev, _INT64_MIN)
+    top = key.topk(k, dim=-1).values
+    return torch.where(top > _INT64_MIN, width - 1 - (top & 0xFFFFFFFF), -1)
 
 
 @torch.no_grad()

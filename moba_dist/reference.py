@@ -38,14 +38,16 @@ def moba_selection_reference(q, k, chunk: int, topk: int) -> torch.Tensor:
     nb = -(-length // chunk)
     means = torch.stack([k[j * chunk:(j + 1) * chunk].to(acc).mean(0) for j in range(nb)])
     gate = torch.einsum("ihd,jhd->hij", q.detach().to(acc), _expand_kv(means.detach(), hq))
-    qblock = torch.arange(length) // chunk
-    past = torch.arange(nb)[None, :] < qblock[:, None]  # [L, nb]
+    dev = q.device
+    qblock = torch.arange(length, device=dev) // chunk
+    past = torch.arange(nb, device=dev)[None, :] < qblock[:, None]  # [L, nb]
     gate = gate.masked_fill(~past[None], float("-inf"))
     # A stable descending sort keeps the lower block first among equal scores.
     order = torch.sort(gate, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nb).expand_as(order).contiguous())
+    ranks = torch.arange(nb, device=dev).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
     chosen = past[None] & (rank < topk - 1)
-    chosen[:, torch.arange(length), qblock] = True
+    chosen[:, torch.arange(length, device=dev), qblock] = True
     return chosen
 
 
@@ -60,8 +62,8 @@ def moba_attn_varlen_reference(q, k, v, cu_seqlens, moba_chunk_size: int, moba_t
         qs, ks, vs = q[s:e], k[s:e], v[s:e]
         length = e - s
         chosen = moba_selection_reference(qs, ks, moba_chunk_size, moba_topk)
-        kblock = torch.arange(length) // moba_chunk_size
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        kblock = torch.arange(length, device=q.device) // moba_chunk_size
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
         mask = chosen[:, :, kblock] & causal[None]
         outs.append(masked_attention(qs, ks, vs, mask, softmax_scale))
     return torch.cat(outs) if outs else torch.empty_like(q)
@@ -74,6 +76,6 @@ def causal_attn_varlen_reference(q, k, v, cu_seqlens, softmax_scale=None):
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e == s:
             continue
-        mask = torch.ones(e - s, e - s, dtype=torch.bool).tril()[None]
+        mask = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()[None]
         outs.append(masked_attention(q[s:e], k[s:e], v[s:e], mask, softmax_scale))
     return torch.cat(outs) if outs else torch.empty_like(q)

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moba_dist import moba_attn_varlen
 from moba_dist.gating import topk_lowest_index_ties
@@ -58,14 +60,31 @@ def test_topk_one_is_current_block_only():
     torch.testing.assert_close(run(Q, k, V, 2, 1), expected(Q, k, V, allowed), atol=1e-12, rtol=0)
 
 
-def test_topk_ties_kernel_by_position():
-    s = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_ties_kernel_by_position(dtype):
+    s = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=dtype)
     valid = torch.ones_like(s, dtype=torch.bool)
-    assert topk_lowest_index_ties(s, valid, 2).tolist() == [[1, 2], [0, 1]]
+    pick = lambda sc, ok, k: topk_lowest_index_ties(sc, ok, k).sort(-1).values.tolist()  # noqa: E731
+    assert pick(s, valid, 2) == [[1, 2], [0, 1]]
     valid[0, 1] = False
-    assert topk_lowest_index_ties(s, valid, 3).tolist() == [[0, 2, 3], [0, 1, 2]]
+    assert pick(s, valid, 3) == [[0, 2, 3], [0, 1, 2]]
     few = torch.tensor([[True, False, False, False, True], [False] * 5])
-    assert topk_lowest_index_ties(s, few, 3).tolist() == [[0, 4, -1], [-1, -1, -1]]
+    assert pick(s, few, 3) == [[-1, 0, 4], [-1, -1, -1]]
+    neg = torch.tensor([[-0.0, 0.0, -1.0, -1e-30, float("-inf"), -2.0]], dtype=dtype)
+    assert pick(neg, torch.ones_like(neg, dtype=torch.bool), 5) == [[0, 1, 2, 3, 5]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([-3.5, -1.0, -0.0, 0.0, 1e-38, 2.0, 7.25]), min_size=1, max_size=12),
+       st.integers(1, 12), st.data())
+def test_topk_matches_stable_sort(values, k, data):
+    k = min(k, len(values))
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values))))
+    for dtype in (torch.float32, torch.float64):
+        s = torch.tensor(values, dtype=dtype)
+        order = [i for i in torch.sort(s, descending=True, stable=True).indices.tolist() if valid[i]][:k]
+        got = topk_lowest_index_ties(s[None], valid[None], k)[0].tolist()
+        assert sorted(i for i in got if i >= 0) == sorted(order), (dtype, values, valid, got, order)
 
 
 def test_no_gradient_through_the_gate():
