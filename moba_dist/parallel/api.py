@@ -14,7 +14,16 @@ from .ring_flash import IMPLS
 
 def _offsets(q: torch.Tensor, cu_seqlens, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
     """Host ``cu_seqlens`` and slice offsets (host sync: one copy), checked against each other."""
-    cu, offsets = gather_offsets(q.shape[0], check_cu_seqlens(cu_seqlens, None).to(q.device), comm)
+    on_device = (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu"
+                 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+                 and cu_seqlens.dtype in (torch.int32, torch.int64))
+    if on_device:
+        # Validate the host copy that comes back with the slice lengths: one device-to-host copy
+        # instead of two. Every rank holds the same cu_seqlens, so every rank raises alike.
+        cu, offsets = gather_offsets(q.shape[0], cu_seqlens.to(q.device), comm)
+        cu = check_cu_seqlens(cu, None)
+    else:
+        cu, offsets = gather_offsets(q.shape[0], check_cu_seqlens(cu_seqlens, None).to(q.device), comm)
     if int(cu[-1]) != int(offsets[-1]):
         raise ValueError(
             f"cu_seqlens[-1] ({int(cu[-1])}) must equal the total tokens over the group "
