@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--hq", type=int, default=16)
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--head-dim", dest="d", type=int, default=128)
+    ap.add_argument("--no-full", action="store_true", help="time MoBA only")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -64,7 +65,9 @@ def main():
     cuda_backends = ["torch"] if a.cpu else [b for b in ("aten_flash", "flash_attn")
                                               if _ok(dev, dtype, a.d, b)]
     impls = [(f"full causal, FA2 ({b})", full_fa2(b), None) for b in cuda_backends]
-    if not a.cpu:
+    if a.no_full:
+        impls = []
+    elif not a.cpu:
         impls.insert(0, ("full causal, cuDNN SDPA", full_cudnn, None))
     for chunk, topk in configs:
         impls += [(f"MoBA chunk {chunk} topk {topk} ({b})", moba(b, chunk, topk), (chunk, topk))
