@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--head-dim", dest="d", type=int, default=128)
     ap.add_argument("--backend", default=None)
+    ap.add_argument("--grad-scale", type=float, default=1.0, help="upstream gradient = scale * randn")
     ap.add_argument("--skew", action="store_true", help="queries agree on topk-1 standout blocks")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", default=None)
@@ -76,6 +77,7 @@ def main():
     if a.check_size:
         t = a.check_size
         q, k, v, go = full_inputs(t, a, dev, dtype)
+        go = (go.float() * a.grad_scale).to(dtype)
         cu = torch.tensor([0, t], dtype=torch.int32, device=dev)
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         ref = moba_dist.moba_attn_varlen(*xs, cu, t, a.chunk, a.topk, backend=a.backend)
@@ -85,17 +87,21 @@ def main():
         loc = [x[sl].clone().requires_grad_() for x in (q, k, v)]
         out = moba_dist.moba_attn_varlen_cp(*loc, cu, a.chunk, a.topk, backend=a.backend)
         out.backward(go[sl])
-        errs = []
+        errs, mags = [], []
         for got, want in [(out, ref[sl]), (loc[0].grad, xs[0].grad[sl]), (loc[1].grad, xs[1].grad[sl]),
                           (loc[2].grad, xs[2].grad[sl])]:
             diff = (got.float() - want.float()).abs()
             errs.append(torch.tensor([diff.max().item(), diff.mean().item()], device=dev))
-        errs = torch.stack(errs)
+            mags.append(want.float().abs().max())
+        errs, mags = torch.stack(errs), torch.stack(mags)
         dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+        dist.all_reduce(mags, op=dist.ReduceOp.MAX)
         cells = " | ".join(f"{m:.2e} / {mean:.2e}" for m, mean in errs.tolist())
-        say(f"check T={t} W={world} chunk={a.chunk} topk={a.topk}: CP vs single-GPU moba_attn_varlen, "
-            "max abs / worst-rank mean abs error\n\n| out | dq | dk | dv |\n|---|---|---|---|\n"
-            f"| {cells} |\n")
+        say(f"check T={t} W={world} chunk={a.chunk} topk={a.topk}, upstream gradient {a.grad_scale} * randn: "
+            "CP vs single-GPU moba_attn_varlen, max abs / worst-rank mean abs error\n\n"
+            "| | out | dq | dk | dv |\n|---|---|---|---|---|\n"
+            f"| error | {cells} |\n| max abs of single-GPU value | "
+            + " | ".join(f"{m:.2f}" for m in mags.tolist()) + " |\n")
         del q, k, v, go, xs, ref, loc, out
         if not a.cpu:
             torch.cuda.empty_cache()
@@ -103,7 +109,7 @@ def main():
     say("| T | W | fwd+bwd ms | TFLOP/s/GPU (useful) | peak GiB (max rank) | fetched MiB/rank (max; fwd) "
         "| all-gather KV MiB/rank | (block, head) fetched / all-gather | blocks/query |")
     say("|---|---|---|---|---|---|---|---|---|")
-    for t in map(int, a.sizes.split(",")):
+    for t in [int(x) for x in a.sizes.split(",") if x]:
         q, k, v, go = full_inputs(t, a, dev, dtype)
         n = t // world
         sl = slice(rank * n, (rank + 1) * n)
