@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchutil import moba_flops, time_fwd_bwd  # noqa: E402
+from benchutil import init_distributed, moba_flops, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402
 
@@ -60,13 +60,7 @@ def main():
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    dist.init_process_group("gloo" if a.cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if a.cpu:
-        dev, dtype = torch.device("cpu"), torch.float32
-    else:
-        dev, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))), torch.bfloat16
-        torch.cuda.set_device(dev)
+    rank, world, dev, dtype = init_distributed(a.cpu)
     lines = []
 
     def say(line):

@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for moba_dist
-from benchutil import causal_flops, time_fwd_bwd  # noqa: E402
+from benchutil import causal_flops, init_distributed, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402
 from moba_dist.kernels import get_backend, varlen_attn_with_lse  # noqa: E402
@@ -113,13 +113,7 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="gloo, float32, torch kernels, tiny sizes")
     ap.add_argument("--out", default=None, help="also write the tables to this file (rank 0)")
     a = ap.parse_args()
-    dist.init_process_group("gloo" if a.cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if a.cpu:
-        dev, dtype = torch.device("cpu"), torch.float32
-    else:
-        dev, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))), torch.bfloat16
-        torch.cuda.set_device(dev)
+    rank, world, dev, dtype = init_distributed(a.cpu)
     sizes = [int(s) for s in (a.sizes or ("256" if a.cpu else "131072,524288,1048576")).split(",")]
     names = (a.impls or (CPU_DEFAULT if a.cpu else GPU_DEFAULT)).split(",")
     for name in names:

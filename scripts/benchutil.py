@@ -8,6 +8,22 @@ import time
 import torch
 
 
+def init_distributed(cpu: bool) -> tuple[int, int, torch.device, torch.dtype]:
+    """Start the default process group (gloo on CPU, NCCL on GPU) and pick this rank's device
+    and dtype: ``(rank, world, device, dtype)``."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo" if cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cpu:
+        return rank, world, torch.device("cpu"), torch.float32
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(dev)
+    return rank, world, dev, torch.bfloat16
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
