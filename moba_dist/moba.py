@@ -44,11 +44,13 @@ def moba_attn_varlen(
         ``[T, Hq, D]`` in q's dtype; differentiable in q, k, v.
 
     Memory: besides inputs and output, peak extra memory is about
-    ``T * Hq * (topk - 1) * D`` elements for the gathered (query, head) rows of the selected
-    part and their partial outputs (x2 in backward), ``2 * T * Hkv * D`` for head-major K/V,
-    ``T * Hq * topk`` int64 for the selection and ``min(T, GATE_TILE) * Hq * ceil(L_max / chunk)``
-    float32 gate scores per gating tile (``moba_dist.gating.GATE_TILE_ELEMS``). Nothing is
-    ``O(T^2)`` and no mask is built.
+    ``min(T * Hq * (topk - 1), P) * D`` elements for the gathered (query, head) rows of the
+    selected part and their partial outputs, where ``P`` is ``$MOBA_DIST_PAIR_BATCH`` (default
+    2**23 rows; backward holds about three such buffers), plus ``T * Hq * D`` float32 for the
+    running merge, ``2 * T * Hkv * D`` for head-major K/V, ``T * Hq * (topk - 1)`` int64 for the
+    selection and one gating tile of ``moba_dist.gating.GATE_TILE_ELEMS`` scores (x3 for its
+    int64 keys). Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over
+    memory-bounded tiles and batches.
 
     Host syncs: ``cu_seqlens`` is read on the host once, and the per-(head, block) selection
     counts once, to size the varlen kernels.
