@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._validation import check_cu_seqlens, check_positive_int
-from .kernels import varlen_attn_with_lse
-from .moba import moba_attn_varlen
+from ._validation import check_cu_seqlens, check_positive_int, check_scale
+from .moba import causal_attn_varlen, moba_attn_varlen
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
 
 
@@ -77,10 +76,7 @@ class MoBAConfig:
             cu = check_cu_seqlens(cu_seqlens, q.shape[0] if isinstance(q, torch.Tensor) else None)
             longest = int(cu.diff().max())
             if full:
-                cu_dev = cu.to(q.device, torch.int32)
-                out, _ = varlen_attn_with_lse(q, k, v, cu_dev, cu_dev, longest, longest,
-                                              softmax_scale=softmax_scale, causal=True, backend=backend)
-                return out
+                return causal_attn_varlen(q, k, v, cu, check_scale(softmax_scale, q.shape[-1]), backend)
             return moba_attn_varlen(q, k, v, cu_seqlens, longest, self.chunk_size, self.topk,
                                     softmax_scale=softmax_scale, backend=backend)
         if full:

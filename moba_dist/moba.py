@@ -10,6 +10,15 @@ from .parallel.moba_cp import moba_pipeline
 from .stats import MoBAStats, record
 
 
+def causal_attn_varlen(q, k, v, cu_seqlens_host: torch.Tensor, softmax_scale: float,
+                       backend: str | None) -> torch.Tensor:
+    """Full causal attention within each packed sequence on one device (one varlen kernel)."""
+    longest = int(cu_seqlens_host.diff().max())
+    cu = cu_seqlens_host.to(device=q.device, dtype=torch.int32)
+    return varlen_attn_with_lse(q, k, v, cu, cu, longest, longest, softmax_scale=softmax_scale,
+                                causal=True, backend=backend)[0]
+
+
 def moba_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,10 +75,7 @@ def moba_attn_varlen(
     offsets = torch.tensor([0, q.shape[0]], dtype=torch.int64)
     if topk * chunk >= longest:
         # Every past block is selected: MoBA is exactly full causal attention.
-        cu_dev = cu.to(device=q.device, dtype=torch.int32)
-        out, _ = varlen_attn_with_lse(q, k, v, cu_dev, cu_dev, longest, longest,
-                                      softmax_scale=scale, causal=True, backend=backend)
         record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=1,
                          selected_blocks_per_query=float("nan")))
-        return out
+        return causal_attn_varlen(q, k, v, cu, scale, backend)
     return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, None, backend)

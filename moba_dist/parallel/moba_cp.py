@@ -28,7 +28,7 @@ from ..gating import block_part_sums, gate_tiles, select_blocks
 from ..kernels import get_backend
 from ..stats import MoBAStats, record
 from .comm import Comm
-from .plan import fetch_plan, local_plan, remote_need
+from .plan import fetch_plan, local_plan
 
 
 def pair_batch_size() -> int:
@@ -131,8 +131,7 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     stats.bytes_sent = comm.sent if comm else {}
     stats.bytes_received = comm.received if comm else {}
     stats.planned_fetch_bytes = fp.recv_rows * row_bytes
-    stats.fetched_pairs = int((remote_need(layout, offsets, need)[rank]
-                               & (layout.overlap(offsets)[:rank].sum(0) > 0)).sum())
+    stats.fetched_pairs = fp.recv_items
     stats.allgather_kv_pairs = hkv * int((other > 0).sum())
     stats.allgather_kv_bytes = int(other.sum()) * hkv * row_bytes
     stats.selected_blocks_per_query = 1.0 + num_pairs / max(n * hq, 1)

@@ -93,6 +93,7 @@ class FetchPlan:
     seg_index: torch.Tensor  # [sum(seg lens)] pool rows forming the past segments, in order
     seg_len: torch.Tensor  # [S] rows of each past segment (its block length)
     prefix_index: torch.Tensor  # [prefix_len, Hkv] pool rows of the causal prefix
+    recv_items: int  # (head, block) items received from other ranks
 
     @property
     def recv_rows(self) -> int:
@@ -140,10 +141,11 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
     send_index = expand_ranges(torch.cat(send_starts), torch.cat(send_lens))
 
     # Where each fetched (g, j) item starts in the receive buffer, per source.
-    recv_splits, recv_pos = [], []
+    recv_splits, recv_pos, recv_items = [], [], set()
     base = 0
     for src in range(world):
         g, j = requested(me, src)
+        recv_items.update(zip(g.tolist(), j.tolist()))
         ln = ov[src, j]
         pos = torch.full((hkv, layout.num_blocks), -1, dtype=torch.int64)
         pos[g, j] = base + torch.cumsum(ln, 0) - ln
@@ -186,4 +188,4 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
         prefix_index = torch.zeros(0, hkv, dtype=torch.int64)
 
     return FetchPlan(send_splits, recv_splits, send_index, seg_head, seg_block, seg_index, seg_len,
-                     prefix_index)
+                     prefix_index, len(recv_items))
