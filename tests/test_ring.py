@@ -47,8 +47,13 @@ def _check(tag, pairs, tol):
     for name, got, want in pairs:
         assert got.shape == want.shape, f"{tag}: {name} shape {tuple(got.shape)} != {tuple(want.shape)}"
         assert got.dtype == want.dtype, f"{tag}: {name} dtype {got.dtype} != {want.dtype}"
-        err = (got - want).abs().max().item() if got.numel() else 0.0
-        assert err <= tol, f"{tag}: {name} max abs error {err}"
+        diff = (got - want).abs()
+        err = diff.max().item() if got.numel() else 0.0
+        where = diff.flatten().argmax().item() if got.numel() else 0
+        assert err <= tol, (f"{tag}: {name} max abs error {err} at flat index {where} "
+                            f"(shape {tuple(got.shape)}): got {got.flatten()[where].item()!r} "
+                            f"want {want.flatten()[where].item()!r}; rows off: "
+                            f"{(diff.flatten(1).amax(1) > tol).nonzero().flatten().tolist()}")
 
 
 def _run_case(rank, lengths, slices, hq, hkv, fn, ref_fn, dtype=torch.float64, tol=1e-10):
