@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 
 from moba_dist.reference import moba_selection_reference
 
@@ -12,6 +13,19 @@ def make_cu(lengths) -> torch.Tensor:
     for n in lengths:
         cu.append(cu[-1] + n)
     return torch.tensor(cu, dtype=torch.int32)
+
+
+@st.composite
+def sharded_streams(draw, max_len: int):
+    """A packed stream of 1-4 sequences (lengths 0..max_len, at least one token) cut into 1-4
+    contiguous slices, some possibly empty: ``(lengths, offsets [W + 1] int64, world)``."""
+    lengths = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=4))
+    if sum(lengths) == 0:
+        lengths[0] = 1
+    total = sum(lengths)
+    world = draw(st.integers(1, 4))
+    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=world - 1, max_size=world - 1)))
+    return lengths, torch.tensor([0, *cuts, total]), world
 
 
 def rand_qkv(total, hq, hkv, d, dtype=torch.float64, gen=None, device="cpu"):

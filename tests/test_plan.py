@@ -7,6 +7,7 @@ their blocks define.
 """
 
 import torch
+from helpers import sharded_streams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,16 +17,10 @@ from moba_dist.parallel.plan import expand_ranges, fetch_plan, local_plan
 
 @st.composite
 def scenarios(draw):
-    lengths = draw(st.lists(st.integers(0, 30), min_size=1, max_size=4))
-    if sum(lengths) == 0:
-        lengths[0] = 1
-    total = sum(lengths)
-    world = draw(st.integers(1, 4))
-    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=world - 1, max_size=world - 1)))
+    lengths, offsets, world = draw(sharded_streams(30))
     chunk = draw(st.integers(1, 9))
     hkv = draw(st.integers(1, 3))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    offsets = torch.tensor([0, *cuts, total])
     layout = BlockLayout.build(cu, chunk)
     # A rank may only have selected past blocks of sequences it holds queries in.
     need = torch.zeros(world, hkv, layout.num_blocks, dtype=torch.bool)

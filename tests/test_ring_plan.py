@@ -8,6 +8,7 @@ pair must be computed exactly once over all steps, and nothing else.
 
 import pytest
 import torch
+from helpers import make_cu, sharded_streams
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,16 +108,8 @@ def test_step_calls_drop_calls_without_work():
 
 @st.composite
 def streams(draw):
-    lengths = draw(st.lists(st.integers(0, 12), min_size=1, max_size=4))
-    if sum(lengths) == 0:
-        lengths[0] = 1
-    total = sum(lengths)
-    world = draw(st.integers(1, 4))
-    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=world - 1, max_size=world - 1)))
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return cu, torch.tensor([0, *cuts, total]), world
+    lengths, offsets, world = draw(sharded_streams(12))
+    return make_cu(lengths).tolist(), offsets, world
 
 
 @settings(max_examples=60, deadline=None)
