@@ -35,10 +35,12 @@ from ..device import to_device, to_host
 from ..gating import block_means, block_part_sums, gate_tiles, select_blocks
 from ..kernels import accum_dtype, get_backend
 from ..stats import MoBAStats, record
+from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
 from .comm import Comm
 from .plan import StreamPlan, fetch_plan, stream_plan
 
 KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
+RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds the chosen blocks
 
 
 def pair_batch_size() -> int:
@@ -105,6 +107,24 @@ def _prefix_pairs(first_part: int, hq: int, hkv: int, device) -> torch.Tensor:
     return (t.view(1, -1, 1) * hq + h).flatten()
 
 
+def _gate_slices(sp: StreamPlan, offsets: torch.Tensor) -> torch.Tensor | None:
+    """Work-balanced slice cuts for the gate, or None to gate where the queries are (cached)."""
+    key = ("gate_slices", os.environ.get(BALANCE_ENV, "auto"))
+    if key not in sp.device_cache:
+        sp.device_cache[key] = (balanced_offsets(sp.layout, offsets.numel() - 1)
+                                if should_balance(sp.layout, offsets) else None)
+    return sp.device_cache[key]
+
+
+def _gate(q, summaries, layout, tables, begin: int, topk: int) -> torch.Tensor:
+    """Selections ``[n, Hq, topk - 1]`` of queries at global positions ``begin + row``."""
+    n, hq, _ = q.shape
+    pos = begin + torch.arange(n, device=q.device)
+    q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
+    q_first = tables["first_block"][q_block]
+    return select_blocks(q, summaries, q_block, q_first, topk, gate_tiles(layout, begin, n, hq))
+
+
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
                   softmax_scale: float, comm: Comm | None, backend: str | None,
                   keep_fetched: bool | None = None) -> torch.Tensor:
@@ -122,14 +142,19 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     if keep_fetched is None:
         keep_fetched = keep_fetched_default()
 
-    # Gate: global block means, then each local query against its sequence's past blocks.
+    # Gate: global block means, then each local query against its sequence's past blocks,
+    # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
     summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
-    pos = lp.begin + torch.arange(n, device=dev)
-    q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
-    q_first = tables["first_block"][q_block]
-    sel = select_blocks(q.detach(), summaries, q_block, q_first, topk,
-                        gate_tiles(layout, lp.begin, n, hq))
+    balanced = _gate_slices(sp, offsets) if comm is not None else None
+    if balanced is None:
+        sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk)
+    else:
+        q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
+        sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk)
+        sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
     kk = sel.shape[-1]
+    if os.environ.get(RECORD_ENV, "0") == "1":
+        stats.selection = sel.sort(-1).values
 
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
     head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
