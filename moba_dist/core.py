@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from .kernels import AttnBackend, accum_dtype, merge_lse
 from .parallel.comm import Comm
@@ -92,7 +93,7 @@ class CoreMeta:
 
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
-    pair_row: torch.Tensor  # [pairs] flat ``t * Hq + h`` row of each selected pair, by segment
+    pair_row: torch.Tensor  # [pairs] int32 flat ``t * Hq + h`` row of each selected pair, by segment
     seg_index: torch.Tensor  # [rows] pool rows of every key segment, in segment order
     sel_batches: list[SelBatch]
     max_k_sel: int
@@ -162,25 +163,19 @@ class MoBACore(torch.autograd.Function):
     def forward(ctx, q, k, v, meta: CoreMeta):
         be, scale = meta.backend, meta.softmax_scale
         n, hq, _ = q.shape
-        kv_hm = head_major(k, v)
-        pending = meta.fetch.start(kv_hm)  # in flight while the self part runs
-        if n:
-            out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self, meta.max_self,
-                                  scale, True)
-        else:
-            out, lse = torch.zeros_like(q), q.new_zeros(hq, 0, dtype=accum_dtype(q.dtype))
-        recv = pending.wait()
-        if meta.sel_batches:
-            pool = torch.cat([recv, kv_hm])
-            acc_out, acc_lse = _flat(out), lse.t().reshape(-1)
-            for b in meta.sel_batches:
-                rows = meta.pair_row[b.pairs]
-                k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
-                o_sel, lse_sel = be.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
-                                            meta.max_k_sel, scale, False)
-                acc_out, acc_lse = merge_lse(acc_out, acc_lse, o_sel[:, 0], lse_sel[0], rows)
-            out = acc_out.to(q.dtype).view(n, hq, -1)
-            lse = acc_lse.view(n, hq).t().contiguous()
+        with record_function("moba.fetch.start"):
+            kv_hm = head_major(k, v)
+            pending = meta.fetch.start(kv_hm)  # in flight while the self part runs
+        with record_function("moba.self"):
+            if n:
+                out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self,
+                                      meta.max_self, scale, True)
+            else:
+                out, lse = torch.zeros_like(q), q.new_zeros(hq, 0, dtype=accum_dtype(q.dtype))
+        with record_function("moba.fetch.wait"):
+            recv = pending.wait()
+        with record_function("moba.selected"):
+            out, lse = _selected_forward(q, recv, kv_hm, out, lse, meta)
         ctx.meta = meta
         kept = (recv,) if meta.keep_fetched else ()
         ctx.save_for_backward(q, k, v, out, lse, *kept)
@@ -191,41 +186,70 @@ class MoBACore(torch.autograd.Function):
         meta = ctx.meta
         q, k, v, out, lse, *kept = ctx.saved_tensors
         be, scale = meta.backend, meta.softmax_scale
-        n, hq, _ = q.shape
-        kv_hm = head_major(k, v)
-        pending = _Ready(kept[0]) if kept else meta.fetch.start(kv_hm, "kv_fetch.refetch")
-        dout = dout.contiguous()
+        n = q.shape[0]
         acc = accum_dtype(q.dtype)
-        if n:
-            dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
-                                     meta.max_self, meta.max_self, scale, True)
-        else:
-            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        recv = pending.wait()
-        n_recv = recv.shape[0]
-        pool = torch.cat([recv, kv_hm])
-        # Gradients of pool rows in q's dtype, as the kernels return them. A row is written by
-        # at most two segments (a selected block and the causal prefix that overlaps it), and
-        # two additions onto zero give the same result in either order: deterministic.
-        dpool = torch.zeros_like(pool)
-        if meta.sel_batches:
-            dq = _flat(dq).to(acc)
-            lse_rows = lse.t().reshape(-1)
-            for b in meta.sel_batches:
-                rows = meta.pair_row[b.pairs]
-                idx = meta.seg_index[b.rows]
-                k_b, v_b = _segment_kv(pool, idx)
-                dq_b, dk_b, dv_b = be.backward(_pick(dout, rows), _pick(q, rows), k_b, v_b,
-                                               _pick(out, rows), lse_rows[rows].unsqueeze(0).contiguous(),
-                                               b.cu_q, b.cu_k, b.max_q, meta.max_k_sel, scale, False)
-                dq.index_add_(0, rows, dq_b[:, 0].to(acc))
-                dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
-            dq = dq.view(q.shape)
-        del pool
-        dkv_hm = dpool[n_recv:].to(acc)
-        meta.fetch.return_grads(dpool[:n_recv], dkv_hm)
+        dout = dout.contiguous()
+        with record_function("moba.bwd.fetch.start"):
+            kv_hm = head_major(k, v)
+            pending = _Ready(kept[0]) if kept else meta.fetch.start(kv_hm, "kv_fetch.refetch")
+        with record_function("moba.bwd.self"):
+            if n:
+                dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
+                                         meta.max_self, meta.max_self, scale, True)
+            else:
+                dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        with record_function("moba.bwd.fetch.wait"):
+            recv = pending.wait()
+        with record_function("moba.bwd.selected"):
+            dq, dpool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
+        with record_function("moba.bwd.return_grads"):
+            n_recv = recv.shape[0]
+            dkv_hm = dpool[n_recv:].to(acc)
+            meta.fetch.return_grads(dpool[:n_recv], dkv_hm)
         hkv = k.shape[1]
         dkv = dkv_hm.view(hkv, n, 2, k.shape[-1]).permute(1, 2, 0, 3)  # [n, 2, Hkv, D]
         dk = (dk.to(acc) + dkv[:, 0]).to(k.dtype)
         dv = (dv.to(acc) + dkv[:, 1]).to(v.dtype)
         return dq.to(q.dtype), dk, dv, None
+
+
+def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
+    """Merge the selected part into the self part's ``out [n, Hq, D]``, ``lse [Hq, n]``."""
+    if not meta.sel_batches:
+        return out, lse
+    n, hq, _ = q.shape
+    pool = torch.cat([recv, kv_hm])
+    acc_out, acc_lse = _flat(out), lse.t().reshape(-1)
+    for b in meta.sel_batches:
+        rows = meta.pair_row[b.pairs].long()
+        k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
+        o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
+                                              meta.max_k_sel, meta.softmax_scale, False)
+        acc_out, acc_lse = merge_lse(acc_out, acc_lse, o_sel[:, 0], lse_sel[0], rows)
+    return acc_out.to(q.dtype).view(n, hq, -1), acc_lse.view(n, hq).t().contiguous()
+
+
+def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
+    """Selected part's backward: ``dq`` (accumulation dtype) and the gradient of every pool row
+    ``dpool [R + Hkv * n, 2, D]`` (q's dtype; received rows first, then local head-major)."""
+    pool = torch.cat([recv, kv_hm])
+    # A pool row is written by at most two segments (a selected block and the causal prefix
+    # that overlaps it), and two additions onto zero give the same result in either order, so
+    # the accumulating write below is deterministic.
+    dpool = torch.zeros_like(pool)
+    if not meta.sel_batches:
+        return dq, dpool
+    acc = accum_dtype(q.dtype)
+    dq = _flat(dq).to(acc)
+    lse_rows = lse.t().reshape(-1)
+    for b in meta.sel_batches:
+        rows = meta.pair_row[b.pairs].long()
+        idx = meta.seg_index[b.rows]
+        k_b, v_b = _segment_kv(pool, idx)
+        dq_b, dk_b, dv_b = meta.backend.backward(
+            _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
+            lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
+            meta.softmax_scale, False)
+        dq.index_add_(0, rows, dq_b[:, 0].to(acc))
+        dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
+    return dq.view(q.shape), dpool

@@ -29,6 +29,7 @@ import os
 from dataclasses import replace
 
 import torch
+from torch.profiler import record_function
 
 from ..core import CoreMeta, KVFetch, MoBACore, sel_batches
 from ..device import to_device, to_host
@@ -144,56 +145,63 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
 
     # Gate: global block means, then each local query against its sequence's past blocks,
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
-    summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
-    balanced = _gate_slices(sp, offsets) if comm is not None else None
-    if balanced is None:
-        sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk)
-    else:
-        q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
-        sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk)
-        sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
+    with record_function("moba.summaries"):
+        summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
+    with record_function("moba.gate"):
+        balanced = _gate_slices(sp, offsets) if comm is not None else None
+        if balanced is None:
+            sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk)
+        else:
+            q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
+            sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk)
+            sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
     kk = sel.shape[-1]
     if os.environ.get(RECORD_ENV, "0") == "1":
         stats.selection = sel.sort(-1).values
 
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
-    head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
-    key = torch.where(sel >= 0, head_group * nblk + sel, hkv * nblk).flatten()
-    counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    all_counts = to_host(comm.all_gather(counts, "selection_counts") if comm else counts[None], stats)
-    need = all_counts[:, :-1].view(world, hkv, nblk) > 0
-    fp = fetch_plan(layout, offsets, need, rank, sp.ranks)
+    with record_function("moba.counts"):
+        head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
+        key = torch.where(sel >= 0, head_group * nblk + sel, hkv * nblk).flatten()
+        del sel
+        counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        all_counts = to_host(comm.all_gather(counts, "selection_counts") if comm else counts[None], stats)
 
-    # Key segments: the selected (head, block)s in (head, block) order, then the causal prefix of
-    # the first local block per head. Pairs are sorted the same way.
-    num_pairs = int(all_counts[rank, :-1].sum())
-    pair_row = torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)
-    seg_counts = all_counts[rank, :-1][need[rank].flatten()]
-    seg_len = fp.seg_len
-    if lp.prefix_len:
-        first_part = int(lp.part_len[0])
-        pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev)])
-        seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
-        seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
-    batches = sel_batches(seg_counts, seg_len, pair_batch_size())
-    host = [fp.send_index, fp.seg_index, fp.prefix_index.flatten()]
-    host += [t for b in batches for t in (b.cu_q, b.cu_k)]
-    send_index, seg_index, prefix_index, *cus = to_device(host, dev)
-    batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
-               for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
-    meta = CoreMeta(
-        cu_self=tables["cu_self"],
-        max_self=int(lp.part_len.max()) if n else 0,
-        pair_row=pair_row,
-        seg_index=torch.cat([seg_index, prefix_index]),
-        sel_batches=batches,
-        max_k_sel=chunk,
-        fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits),
-        softmax_scale=softmax_scale,
-        backend=get_backend(dev, q.dtype, d, backend),
-        keep_fetched=keep_fetched,
-    )
+    with record_function("moba.plan"):
+        need = all_counts[:, :-1].view(world, hkv, nblk) > 0
+        fp = fetch_plan(layout, offsets, need, rank, sp.ranks)
+        # Key segments: the selected (head, block)s in (head, block) order, then the causal
+        # prefix of the first local block per head. Pairs are sorted the same way; kept for
+        # backward as int32 (half the memory of int64).
+        num_pairs = int(all_counts[rank, :-1].sum())
+        pair_row = (torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)).to(torch.int32)
+        del key
+        seg_counts = all_counts[rank, :-1][need[rank].flatten()]
+        seg_len = fp.seg_len
+        if lp.prefix_len:
+            first_part = int(lp.part_len[0])
+            pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
+            seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
+            seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
+        batches = sel_batches(seg_counts, seg_len, pair_batch_size())
+        host = [fp.send_index, fp.seg_index, fp.prefix_index.flatten()]
+        host += [t for b in batches for t in (b.cu_q, b.cu_k)]
+        send_index, seg_index, prefix_index, *cus = to_device(host, dev)
+        batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
+                   for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
+        meta = CoreMeta(
+            cu_self=tables["cu_self"],
+            max_self=int(lp.part_len.max()) if n else 0,
+            pair_row=pair_row,
+            seg_index=torch.cat([seg_index, prefix_index]),
+            sel_batches=batches,
+            max_k_sel=chunk,
+            fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits),
+            softmax_scale=softmax_scale,
+            backend=get_backend(dev, q.dtype, d, backend),
+            keep_fetched=keep_fetched,
+        )
     out = MoBACore.apply(q, k, v, meta)
 
     row_bytes = 2 * d * k.element_size()
