@@ -173,7 +173,15 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tenso
     acc = summaries.dtype
     for a, b, lo, hi in tiles:
         qt = q[a:b].to(acc).view(b - a, hkv, hq // hkv, d)
-        s = gate_scores(qt, summaries[lo:hi]).reshape(b - a, hq, hi - lo)
+        if q.is_cuda and acc == torch.float32:
+            # Without Triton: float64 products of bf16/fp16/fp32 inputs are exact and their sum
+            # is within an ulp of float64, so rounding to float32 gives the correctly rounded
+            # score but for ~2^-22 of ties of rounding: fast (a float64 GEMM, never TF32), not
+            # provably order-free like the Triton kernel or the CPU loop below.
+            s = torch.einsum("tkgd,rkd->tkgr", qt.double(), summaries[lo:hi].double()).float()
+        else:
+            s = gate_scores(qt, summaries[lo:hi])
+        s = s.reshape(b - a, hq, hi - lo)
         j = torch.arange(lo, hi, device=q.device)
         valid = (j >= q_first_block[a:b, None]) & (j < q_block[a:b, None])
         kk = min(topk - 1, hi - lo)
