@@ -15,7 +15,8 @@ import torch
 
 GATE_ENV = "MOBA_DIST_GATE"  # "torch" forces the pure-PyTorch gate on CUDA too
 
-GATE_TILE_ELEMS = 1 << 24  # score elements per gating tile (64 MiB in float32, x2 while scoring)
+GATE_TILE_ELEMS = 1 << 24  # score elements per gating tile on the CPU (64 MiB in float32, x2)
+GATE_TILE_ELEMS_CUDA = 1 << 27  # on CUDA without Triton (float64 scores: 1 GiB)
 SUM_TILE_ELEMS = 1 << 27  # key elements gathered per summary tile
 SUM_DTYPE = torch.float64  # block key sums: exact (hence order-free) for bf16/fp16 keys
 

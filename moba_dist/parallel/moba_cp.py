@@ -33,7 +33,14 @@ from torch.profiler import record_function
 
 from ..core import CoreMeta, KVFetch, MoBACore, sel_batches
 from ..device import to_device, to_host
-from ..gating import block_means, block_part_sums, gate_tiles, select_blocks
+from ..gating import (
+    GATE_TILE_ELEMS,
+    GATE_TILE_ELEMS_CUDA,
+    block_means,
+    block_part_sums,
+    gate_tiles,
+    select_blocks,
+)
 from ..kernels import accum_dtype, get_backend
 from ..stats import MoBAStats, record
 from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
@@ -123,7 +130,8 @@ def _gate(q, summaries, layout, tables, begin: int, topk: int) -> torch.Tensor:
     pos = begin + torch.arange(n, device=q.device)
     q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
     q_first = tables["first_block"][q_block]
-    return select_blocks(q, summaries, q_block, q_first, topk, gate_tiles(layout, begin, n, hq))
+    tile = GATE_TILE_ELEMS_CUDA if q.is_cuda else GATE_TILE_ELEMS
+    return select_blocks(q, summaries, q_block, q_first, topk, gate_tiles(layout, begin, n, hq, tile))
 
 
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
