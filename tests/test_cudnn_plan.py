@@ -241,3 +241,306 @@ def test_backend_on_cpu_declines_and_handles_empty_calls():
     assert bool((dq == 0).all()) and dk.shape == k.shape and dv.shape == k.shape
     out, lse = be.forward(q[:0], q, q, cu_of([0]), cu_of([5]), 0, 5, 0.25, False)
     assert out.shape == (0, 4, 16) and lse.shape == (4, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend end to end on CPU, against a stand-in for the ``cudnn`` module that implements
+# cuDNN's documented ragged SDPA semantics (padded batch [B, H, S, D] addressed through per-batch
+# element offsets, per-batch lengths, bottom-right diagonal within each batch's lengths, stats =
+# natural-log LSE of the scaled scores, the backward reading the given O and stats).
+# --------------------------------------------------------------------------------------------
+
+
+class _Names:
+    def __init__(self, *names):
+        for n in names:
+            setattr(self, n, n)
+
+
+class FakeTensor:
+    def __init__(self, name, dim=None, stride=None, data_type=None, uid=None):
+        self.name, self.dim, self.stride, self.data_type, self.uid = name, dim, stride, data_type, uid
+        self.ragged, self.is_output = None, False
+
+    def set_uid(self, uid):
+        self.uid = uid
+        return self
+
+    def set_output(self, value):
+        self.is_output = value
+        return self
+
+    def set_dim(self, dim):
+        self.dim = list(dim)
+        return self
+
+    def set_stride(self, stride):
+        self.stride = list(stride)
+        return self
+
+    def set_data_type(self, dt):
+        self.data_type = dt
+        return self
+
+    def set_ragged_offset(self, t):
+        self.ragged = t
+        return self
+
+
+class FakeGraph:
+    def __init__(self, fake, io_data_type=None, intermediate_data_type=None, compute_data_type=None,
+                 handle=None):
+        self.fake, self.node, self.tensors = fake, None, []
+
+    def tensor(self, name, dim, stride, data_type, uid):
+        t = FakeTensor(name, list(dim), list(stride), data_type, uid)
+        self.tensors.append(t)
+        return t
+
+    def _node(self, kind, kw, outputs):
+        for k in kw:
+            if k in self.fake.reject_kwargs:
+                raise TypeError(f"unexpected keyword {k}")
+        assert kw["use_padding_mask"] and kw["seq_len_q"] is not None and kw["seq_len_kv"] is not None
+        self.node = (kind, kw)
+        outs = [FakeTensor(f"{kind}::{o}") for o in outputs]
+        self.tensors += outs
+        return outs
+
+    def sdpa(self, name, q, k, v, attn_scale, generate_stats, **kw):
+        assert generate_stats
+        kw.update(q=q, k=k, v=v, attn_scale=attn_scale)
+        return self._node("fwd", kw, ("O", "Stats"))
+
+    def sdpa_backward(self, name, q, k, v, o, dO, stats, attn_scale, **kw):
+        kw.update(q=q, k=k, v=v, o=o, dO=dO, stats=stats, attn_scale=attn_scale)
+        if "bwd_ragged_stats" in self.fake.reject and stats.ragged is not None:
+            raise RuntimeError("Packed/ragged LSE is not supported")
+        return self._node("bwd", kw, ("dQ", "dK", "dV"))
+
+    def validate(self):
+        for t in self.tensors:
+            assert t.uid is not None and t.dim and t.stride, t.name
+        uids = [t.uid for t in self.tensors]
+        assert len(uids) == len(set(uids)), "duplicate uid"
+        if "shared_offsets" in self.fake.reject:
+            users = [t.ragged.uid for t in self.tensors if t.ragged is not None]
+            if len(users) != len(set(users)):
+                raise RuntimeError("a ragged offset tensor is shared")
+
+    def build_operation_graph(self):
+        pass
+
+    def create_execution_plans(self, modes):
+        pass
+
+    def check_support(self):
+        pass
+
+    def build_plans(self):
+        self.fake.builds += 1
+
+    def get_workspace_size(self):
+        return 64
+
+    # -- emulation ----------------------------------------------------------------------------
+
+    def _rows(self, pack, t, b, n):
+        """View ``[H, n, D]`` of batch ``b``'s first ``n`` rows of tensor ``t`` in its buffer."""
+        buf = pack[t.uid]
+        assert buf.is_contiguous()
+        base = int(pack[t.ragged.uid].reshape(-1)[b]) if t.ragged is not None else b * t.stride[0]
+        h, d = t.dim[1], t.dim[3]
+        if n:
+            last = base + (h - 1) * t.stride[1] + (n - 1) * t.stride[2] + (d - 1) * t.stride[3]
+            assert 0 <= base and last < buf.numel(), f"{t.name}: batch {b} out of bounds"
+        return torch.as_strided(buf, (h, n, d), tuple(t.stride[1:]), buf.storage_offset() + base)
+
+    def execute(self, pack, workspace, handle=None):
+        assert workspace.numel() >= 64 and handle is not None
+        kind, kw = self.node
+        q, k = kw["q"], kw["k"]
+        causal = kw.get("diagonal_band_right_bound") == 0 or kw.get("use_causal_mask_bottom_right")
+        if kw.get("diagonal_band_right_bound") == 0:
+            assert kw["diagonal_alignment"] == "BOTTOM_RIGHT"
+        scale = kw["attn_scale"]
+        seq_q = pack[kw["seq_len_q"].uid].reshape(-1)
+        seq_k = pack[kw["seq_len_kv"].uid].reshape(-1)
+        hq, hkv = q.dim[1], k.dim[1]
+        outs = {t.name.split("::")[1]: t for t in self.tensors if "::" in t.name}
+        for b in range(q.dim[0]):
+            lq, lk = int(seq_q[b]), int(seq_k[b])
+            assert lq <= q.dim[2] and lk <= k.dim[2]
+            if lq == 0:
+                continue  # nothing written for this batch
+            Q = self._rows(pack, q, b, lq).double()
+            K = self._rows(pack, k, b, lk).double().repeat_interleave(hq // hkv, 0)
+            V = self._rows(pack, kw["v"], b, lk).double().repeat_interleave(hq // hkv, 0)
+            S = Q @ K.transpose(1, 2) * scale
+            if causal:
+                allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+                S = S.masked_fill(~allowed, float("-inf"))
+            # Unspecified in cuDNN: rows without keys, or causal batches with more queries than
+            # keys; the stand-in writes NaN there so that relying on it shows up.
+            undefined = lk == 0 or (causal and lq > lk)
+            if kind == "fwd":
+                lse = torch.logsumexp(S, -1)
+                Ov = torch.softmax(S, -1) @ V
+                if undefined:
+                    Ov, lse = torch.full_like(Ov, float("nan")), torch.full_like(lse, float("nan"))
+                self._rows(pack, outs["O"], b, lq).copy_(Ov)
+                stats = outs["Stats"]
+                self._rows(pack, stats, b, lq)[..., 0].copy_(lse)
+                continue
+            lse = self._rows(pack, kw["stats"], b, lq)[..., 0].double()
+            Ov = self._rows(pack, kw["o"], b, lq).double()
+            dO = self._rows(pack, kw["dO"], b, lq).double()
+            P = torch.exp(S - lse[..., None])
+            dP = dO @ V.transpose(1, 2)
+            dS = P * (dP - (dO * Ov).sum(-1, keepdim=True))
+            dQ = dS @ K * scale
+            dK = (dS.transpose(1, 2) @ Q * scale).view(hkv, hq // hkv, lk, -1).sum(1)
+            dV = (P.transpose(1, 2) @ dO).view(hkv, hq // hkv, lk, -1).sum(1)
+            if undefined:
+                dQ, dK, dV = (torch.full_like(x, float("nan")) for x in (dQ, dK, dV))
+            self._rows(pack, outs["dQ"], b, lq).copy_(dQ)
+            self._rows(pack, outs["dK"], b, lk).copy_(dK)
+            self._rows(pack, outs["dV"], b, lk).copy_(dV)
+
+
+class FakeCudnn:
+    """What the backend uses of ``cudnn``; ``reject`` / ``reject_kwargs`` make some spellings fail
+    to build, the way an older or different cuDNN declines them."""
+
+    def __init__(self, reject=(), reject_kwargs=()):
+        self.reject, self.reject_kwargs, self.builds = set(reject), set(reject_kwargs), 0
+        self.data_type = _Names("HALF", "BFLOAT16", "FLOAT", "INT32", "INT64")
+        self.diagonal_alignment = _Names("TOP_LEFT", "BOTTOM_RIGHT")
+        self.heur_mode = _Names("A", "B", "FALLBACK")
+
+    def backend_version(self):
+        return 91900
+
+    def create_handle(self):
+        return object()
+
+    def set_stream(self, handle, stream):
+        pass
+
+    def pygraph(self, **kw):
+        return FakeGraph(self, **kw)
+
+
+def fake_backend(monkeypatch, fake, **kw):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cudnn", fake)
+    be = CudnnBackend(fallback=False, **kw)
+    assert be.module() is fake
+    return be
+
+
+def check_against_reference(be, lq, lk, hq, hkv, causal, seed=0, d=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(torch.bfloat16)
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(torch.bfloat16)
+    go = torch.randn(sum(lq), hq, d, generator=g).to(torch.bfloat16)
+    scale = 0.3
+    cu_q, cu_k = cu_of(lq), cu_of(lk)
+    out, lse = be.forward(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == (hq, sum(lq))
+    assert lse.is_contiguous()
+    grads = be.backward(go, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), scale, causal)
+    xs = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = reference(*xs, lq, lk, scale, causal)
+    ref_grads = torch.autograd.grad(ref, xs, go.double(), allow_unused=True)
+    dead = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), dead)
+    assert bool((out[dead[0]] == 0).all()) and bool((grads[0][dead[0]] == 0).all())
+    torch.testing.assert_close(lse[~dead].double(), ref_lse[~dead], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for a, b, x in zip(grads, ref_grads, xs):
+        assert a.dtype == torch.bfloat16 and a.shape == x.shape
+        torch.testing.assert_close(a.double(), torch.zeros_like(x) if b is None else b, atol=3e-2, rtol=3e-2)
+
+
+FAKE_CASES = [
+    ([5, 0, 17, 3], [5, 4, 17, 9], 4, 2, True),
+    ([8, 4, 6], [3, 10, 0], 2, 1, True),
+    ([5, 0, 17, 3], [9, 4, 0, 9], 2, 2, False),
+    ([70, 1], [130, 1], 4, 1, True),
+]
+
+
+@pytest.mark.parametrize("variant", candidate_variants(True) + candidate_variants(False)[:2],
+                         ids=str)
+def test_backend_end_to_end_on_fake_cudnn(monkeypatch, variant):
+    fake = FakeCudnn()
+    be = fake_backend(monkeypatch, fake, variant=variant)
+    for i, (lq, lk, hq, hkv, causal) in enumerate(FAKE_CASES):
+        check_against_reference(be, lq, lk, hq, hkv, causal, seed=i)
+    assert be.cache_info()["failed_builds"] == 0
+
+
+def test_backend_falls_through_declined_variants(monkeypatch):
+    fake = FakeCudnn(reject={"bwd_ragged_stats", "shared_offsets"}, reject_kwargs={"diagonal_alignment"})
+    be = fake_backend(monkeypatch, fake)
+    check_against_reference(be, [8, 30, 6], [3, 40, 6], 4, 2, True)
+    info = be.cache_info()
+    assert info["variants"]["fwd"] == "mask=legacy,stats=ragged,share=0"
+    assert info["variants"]["bwd"] == "mask=legacy,stats=padded,share=0"
+    assert info["builds"] == 2 and info["failed_builds"] > 0 and info["misses"] == 2
+    # Same shape class, other lengths: cached graphs serve it, nothing is built or tried again.
+    builds = fake.builds
+    check_against_reference(be, [7, 31, 5], [2, 41, 6], 4, 2, True, seed=5)
+    assert fake.builds == builds and be.cache_info()["hits"] == 2
+    # A non-causal graph of a new key starts from the variant that worked (no mask to adapt).
+    check_against_reference(be, [8, 30], [3, 40], 4, 2, False, seed=6)
+    assert be.cache_info()["variants"]["fwd"] == "mask=none,stats=ragged,share=0"
+
+
+def test_backend_raises_when_nothing_builds(monkeypatch):
+    fake = FakeCudnn(reject_kwargs={"use_padding_mask"})
+    be = fake_backend(monkeypatch, fake)
+    q = torch.randn(4, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="could not build"):
+        be.forward(q, q, q, cu_of([4]), cu_of([4]), 4, 4, 0.25, True)
+    assert be.cache_info()["failed_builds"] == 8
+
+
+def test_backward_uses_the_given_merged_lse(monkeypatch):
+    """Keys split over two calls and merged by LSE: each call's backward with the merged out/LSE
+    gives the gradients of attention over all keys (so the given LSE is what the backward uses)."""
+    from moba_dist.kernels import merge_lse
+
+    be = fake_backend(monkeypatch, FakeCudnn())
+    g = torch.Generator().manual_seed(9)
+    hq, hkv, d, scale = 4, 2, 16, 0.3
+    lq, la, lb = [6, 9], [4, 3], [5, 0]
+    q = torch.randn(sum(lq), hq, d, generator=g).to(torch.bfloat16)
+    ka = torch.randn(sum(la), hkv, d, generator=g).to(torch.bfloat16)
+    kb = torch.randn(sum(lb), hkv, d, generator=g).to(torch.bfloat16)
+    va = torch.randn(sum(la), hkv, d, generator=g).to(torch.bfloat16)
+    vb = torch.randn(sum(lb), hkv, d, generator=g).to(torch.bfloat16)
+    go = torch.randn(sum(lq), hq, d, generator=g).to(torch.bfloat16)
+    cu_q, cu_a, cu_b = cu_of(lq), cu_of(la), cu_of(lb)
+    oa, sa = be.forward(q, ka, va, cu_q, cu_a, 9, 4, scale, False)
+    ob, sb = be.forward(q, kb, vb, cu_q, cu_b, 9, 5, scale, False)
+    out, lse = merge_lse(oa.reshape(-1, d), sa.t().reshape(-1), ob.reshape(-1, d), sb.t().reshape(-1))
+    out = out.to(torch.bfloat16).view(-1, hq, d)
+    lse = lse.view(-1, hq).t().contiguous()
+    dqa, dka, dva = be.backward(go, q, ka, va, out, lse, cu_q, cu_a, 9, 4, scale, False)
+    dqb, dkb, dvb = be.backward(go, q, kb, vb, out, lse, cu_q, cu_b, 9, 5, scale, False)
+    # Reference over the union of both key sets, per segment.
+    xs = [x.double().requires_grad_() for x in (q, ka, kb, va, vb)]
+    outs = []
+    for s in range(2):
+        ks = torch.cat([xs[1][cu_a[s]:cu_a[s + 1]], xs[2][cu_b[s]:cu_b[s + 1]]])
+        vs = torch.cat([xs[3][cu_a[s]:cu_a[s + 1]], xs[4][cu_b[s]:cu_b[s + 1]]])
+        mask = torch.ones(1, lq[s], ks.shape[0], dtype=torch.bool)
+        outs.append(masked_attention(xs[0][cu_q[s]:cu_q[s + 1]], ks, vs, mask, scale))
+    ref_grads = torch.autograd.grad(torch.cat(outs), xs, go.double())
+    got = (dqa.double() + dqb.double(), dka, dkb, dva, dvb)
+    for a, b in zip(got, ref_grads):
+        torch.testing.assert_close(a.double(), b, atol=3e-2, rtol=3e-2)

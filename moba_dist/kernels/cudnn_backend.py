@@ -40,6 +40,7 @@ Host syncs: none. Host work per call: a dictionary lookup and ~15 small kernel l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -409,6 +410,13 @@ def _build_backward(cudnn, handle, cls, hq, hkv, d, dtype, causal, scale, varian
 # --------------------------------------------------------------------------------------------
 
 
+def _on(device: torch.device):
+    """Make ``device`` current for cuDNN calls (a no-op when it already is, or off CUDA)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _prep(x: torch.Tensor) -> torch.Tensor:
     """Contiguous with a 16-byte aligned base, as cuDNN's descriptors need (a contiguous view with
     an odd storage offset is copied too)."""
@@ -486,11 +494,12 @@ class CudnnBackend:
         runs backward on its own thread, and a handle must not be shared between threads)."""
         cudnn = self._cudnn
         handles = self._tls.__dict__.setdefault("handles", {})
-        h = handles.get(device.index)
+        h = handles.get(device)
         if h is None:
-            with torch.cuda.device(device):
-                h = handles[device.index] = cudnn.create_handle()
-        cudnn.set_stream(handle=h, stream=torch.cuda.current_stream(device).cuda_stream)
+            with _on(device):
+                h = handles[device] = cudnn.create_handle()
+        if device.type == "cuda":
+            cudnn.set_stream(handle=h, stream=torch.cuda.current_stream(device).cuda_stream)
         return h
 
     def _plan(self, kind: str, key: tuple, causal: bool, build) -> _Plan | None:
@@ -543,10 +552,7 @@ class CudnnBackend:
     def _execute(self, plan: _Plan, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         pack = {uid: tensors[name] for uid, name in plan.binds.items()}
         workspace = torch.empty(max(plan.workspace, 1), dtype=torch.uint8, device=device)
-        if torch.cuda.current_device() != device.index:
-            with torch.cuda.device(device):
-                plan.graph.execute(pack, workspace, handle=self._handle(device))
-        else:
+        with _on(device):
             plan.graph.execute(pack, workspace, handle=self._handle(device))
 
     def cache_info(self) -> dict:
@@ -564,14 +570,18 @@ class CudnnBackend:
             self.stats = CacheStats()
 
     def engines(self) -> dict:
-        """Cache key -> (variant, engine name) of every cached graph (None: fell back)."""
-        return {k: (str(p.variant), p.engine) if p is not None else None for k, p in self._graphs.items()}
+        """Cache key -> (variant, engine name, workspace MiB) of every cached graph (None: no
+        variant built, the shape class falls back)."""
+        return {k: (str(p.variant), p.engine, round(p.workspace / 2**20, 1)) if p is not None else None
+                for k, p in self._graphs.items()}
 
     # -- the interface ------------------------------------------------------------------------
 
     @staticmethod
     def _device(q: torch.Tensor) -> torch.device:
-        return q.device if q.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        if q.device.type == "cuda" and q.device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return q.device
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 softmax_scale, causal):
@@ -590,7 +600,7 @@ class CudnnBackend:
         key = graph_key("fwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index)
 
         def build(variant):
-            with torch.cuda.device(dev):
+            with _on(dev):
                 return _build_forward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, causal,
                                       softmax_scale, variant)
 
@@ -628,7 +638,7 @@ class CudnnBackend:
         key = graph_key("bwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index, deterministic)
 
         def build(variant):
-            with torch.cuda.device(dev):
+            with _on(dev):
                 return _build_backward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, causal,
                                        softmax_scale, variant, deterministic)
 
