@@ -2,6 +2,7 @@
 
     PYTHONPATH=/tmp/site:$PWD python scripts/check_cudnn.py [--out FILE] [--skip-bench]
         [--skip-variants] [--sizes 32768,65536,131072] [--iters 5] [--variant mask=..,stats=..]
+        [--backend-only]
 
 Sections (each case catches and prints its own exception, so one run answers everything):
 
@@ -41,6 +42,7 @@ from moba_dist.kernels.cudnn_backend import CudnnBackend, Variant, candidate_var
 
 LINES: list[str] = []
 FAILS: list[str] = []
+OPTS: dict = {}  # CudnnBackend keyword arguments from the command line
 
 
 def say(text: str = "") -> None:
@@ -234,10 +236,11 @@ def check_split_merge(be, dev):
 
 
 def check_cache_and_syncs(dev):
-    be = CudnnBackend(fallback=False)
+    be = CudnnBackend(fallback=False, **OPTS)
     hq, hkv, d, scale = 16, 4, 128, 128 ** -0.5
-    shapes = [([700, 900, 800], [700, 900, 800]), ([1000, 600, 400, 300], [1000, 600, 400, 300]),
-              ([950, 1023, 325], [950, 1023, 325])]
+    # One shape class: 3-4 segments, longest <= 1024, 2305..2560 tokens.
+    shapes = [([700, 900, 800], [700, 900, 800]), ([1000, 600, 400, 400], [1000, 600, 400, 400]),
+              ([950, 1023, 425], [950, 1023, 425])]
     for i, (lq, lk) in enumerate(shapes):
         q, k, v, dout = make_inputs(lq, lk, hq, hkv, d, torch.bfloat16, dev, 20 + i)
         run_backend(be, q, k, v, dout, cu_of(lq, dev), cu_of(lk, dev), max(lq), max(lk), scale, True)
@@ -271,7 +274,7 @@ def check_variants(dev):
     """Build and check every variant on a causal and a non-causal case."""
     cases = [CASES[3], CASES[4]]
     for variant in candidate_variants(True):
-        be = CudnnBackend(fallback=False, variant=variant)
+        be = CudnnBackend(fallback=False, variant=variant, backend_only=OPTS.get("backend_only"))
         for case in cases:
             if not case[6] and variant.mask == "legacy":
                 continue  # non-causal ignores the mask spelling
@@ -402,15 +405,18 @@ def main():
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--variant", default=None, help="pin a graph variant, e.g. stats=padded,mask=legacy")
+    ap.add_argument("--backend-only", action="store_true",
+                    help="exclude the frontend's Python-side engines (cuDNN's own engines only)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    OPTS.update(backend_only=True if a.backend_only else None)
     dev = torch.device("cuda")
     t_start = time.time()
 
     section("environment")
     say(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     say(f"device {torch.cuda.get_device_name(dev)}, capability {torch.cuda.get_device_capability(dev)}")
-    be = CudnnBackend(fallback=False, variant=a.variant)
+    be = CudnnBackend(fallback=False, variant=a.variant, **OPTS)
     cudnn = be.module()
     if cudnn is None:
         say(f"cudnn does not import: {be.import_error}")

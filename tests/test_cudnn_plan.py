@@ -331,6 +331,9 @@ class FakeGraph:
     def build_operation_graph(self):
         pass
 
+    def deselect_engines(self, names):
+        self.fake.deselected.update(names)
+
     def create_execution_plans(self, modes):
         pass
 
@@ -414,6 +417,7 @@ class FakeCudnn:
 
     def __init__(self, reject=(), reject_kwargs=()):
         self.reject, self.reject_kwargs, self.builds = set(reject), set(reject_kwargs), 0
+        self.deselected = set()
         self.data_type = _Names("HALF", "BFLOAT16", "FLOAT", "INT32", "INT64")
         self.diagonal_alignment = _Names("TOP_LEFT", "BOTTOM_RIGHT")
         self.heur_mode = _Names("A", "B", "FALLBACK")
@@ -498,6 +502,18 @@ def test_backend_falls_through_declined_variants(monkeypatch):
     # A non-causal graph of a new key starts from the variant that worked (no mask to adapt).
     check_against_reference(be, [8, 30], [3, 40], 4, 2, False, seed=6)
     assert be.cache_info()["variants"]["fwd"] == "mask=none,stats=ragged,share=0"
+
+
+def test_backend_only_deselects_python_engines(monkeypatch):
+    fake = FakeCudnn()
+    be = fake_backend(monkeypatch, fake)
+    check_against_reference(be, [5], [7], 2, 1, True)
+    assert not fake.deselected
+    fake = FakeCudnn()
+    monkeypatch.setenv("MOBA_DIST_CUDNN_BACKEND_ONLY", "1")
+    be = fake_backend(monkeypatch, fake)
+    check_against_reference(be, [5], [7], 2, 1, True)
+    assert fake.deselected == {"sdpa_fwd_prefill", "sdpa_bwd_"}
 
 
 def test_backend_raises_when_nothing_builds(monkeypatch):

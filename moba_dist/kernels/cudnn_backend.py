@@ -34,6 +34,8 @@ Graph construction is tried in a few *variants* (mask spelling, stats layout, sh
 offset tensors); the first that builds is used and remembered. ``MOBA_DIST_CUDNN_VARIANT`` pins
 one, e.g. ``stats=padded,mask=legacy,share=0``. A shape class no variant can build falls back to
 PyTorch's FlashAttention-2 with a warning (``CudnnBackend(fallback=False)`` raises instead).
+The frontend ranks cuDNN's engines and its own Python-side ones per graph;
+``MOBA_DIST_CUDNN_BACKEND_ONLY=1`` (or ``backend_only=True``) keeps to cuDNN's.
 
 Host syncs: none. Host work per call: a dictionary lookup and ~15 small kernel launches.
 """
@@ -53,6 +55,10 @@ import torch
 
 _HALF = (torch.float16, torch.bfloat16)
 VARIANT_ENV = "MOBA_DIST_CUDNN_VARIANT"
+BACKEND_ONLY_ENV = "MOBA_DIST_CUDNN_BACKEND_ONLY"
+# Plan-name prefixes of the frontend's Python-side ("FROST") SDPA engines, excluded when only
+# cuDNN's own engines should run.
+_PYTHON_ENGINE_PREFIXES = ("sdpa_fwd_prefill", "sdpa_bwd_")
 MIN_CUDNN_VERSION = 90600  # ragged offsets with Hq != Hkv
 
 
@@ -250,8 +256,8 @@ def graph_key(kind: str, cls: ShapeClass, hq: int, hkv: int, head_dim: int, dtyp
             bool(deterministic))
 
 
-# Operand ids in the variant pack. Offsets that a shared variant folds into OFF_Q/OFF_KV get their
-# own ids otherwise.
+# Operand ids in the variant pack. The ragged offsets that a shared variant folds into off_q /
+# off_kv get ids of their own otherwise.
 UID = dict(q=1, k=2, v=3, o=4, stats=5, do=6, dq=7, dk=8, dv=9, seq_q=10, seq_k=11, off_q=12,
            off_kv=13, off_stats=14, off_k=15, off_v=16, off_o=17, off_do=18, off_dq=19, off_dk=20,
            off_dv=21)
@@ -294,8 +300,9 @@ class _GraphBuilder:
     """Declares the tensors of one graph in packed ``[T, H, D]`` layout with ragged offsets."""
 
     def __init__(self, cudnn, handle, cls: ShapeClass, hq: int, hkv: int, d: int,
-                 dtype: torch.dtype, variant: Variant):
+                 dtype: torch.dtype, variant: Variant, backend_only: bool = False):
         self.cudnn, self.cls, self.hq, self.hkv, self.d, self.variant = cudnn, cls, hq, hkv, d, variant
+        self.backend_only = backend_only
         self.io = _cudnn_dtype(cudnn, dtype)
         f32 = cudnn.data_type.FLOAT
         self.g = cudnn.pygraph(io_data_type=self.io, intermediate_data_type=f32, compute_data_type=f32,
@@ -349,19 +356,20 @@ class _GraphBuilder:
         g.validate()
         g.build_operation_graph()
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        if self.backend_only:
+            g.deselect_engines(list(_PYTHON_ENGINE_PREFIXES))
         g.check_support()
         g.build_plans()
         engine = ""
-        try:  # informational only
-            sel = getattr(g, "selected_engine", None)
-            engine = sel.name if sel is not None else "cudnn-backend"
+        try:  # informational only: which engine/plan the frontend chose
+            engine = g.get_plan_name_at_index(getattr(g, "_plan_index", 0))
         except Exception:  # noqa: BLE001
             pass
         return _Plan(g, int(g.get_workspace_size()), self.variant, dict(self.binds), engine)
 
 
-def _build_forward(cudnn, handle, cls, hq, hkv, d, dtype, causal, scale, variant) -> _Plan:
-    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant)
+def _build_forward(cudnn, handle, cls, hq, hkv, d, dtype, scale, variant, backend_only) -> _Plan:
+    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant, backend_only)
     q = b.input("q", "q", "off_q")
     k = b.input("k", "k", "off_kv")
     v = b.input("v", "k", "off_kv")
@@ -378,9 +386,9 @@ def _build_forward(cudnn, handle, cls, hq, hkv, d, dtype, causal, scale, variant
     return b.finish()
 
 
-def _build_backward(cudnn, handle, cls, hq, hkv, d, dtype, causal, scale, variant,
+def _build_backward(cudnn, handle, cls, hq, hkv, d, dtype, scale, variant, backend_only,
                     deterministic) -> _Plan:
-    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant)
+    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant, backend_only)
     q = b.input("q", "q", "off_q")
     k = b.input("k", "k", "off_kv")
     v = b.input("v", "k", "off_kv")
@@ -430,9 +438,13 @@ class CudnnBackend:
 
     name = "cudnn"
 
-    def __init__(self, fallback: bool = True, max_graphs: int = 256, variant: Variant | str | None = None):
+    def __init__(self, fallback: bool = True, max_graphs: int = 256, variant: Variant | str | None = None,
+                 backend_only: bool | None = None):
         self.fallback = fallback
         self.max_graphs = max_graphs
+        if backend_only is None:
+            backend_only = os.environ.get(BACKEND_ONLY_ENV, "0") not in ("", "0")
+        self.backend_only = backend_only
         if variant is None:
             variant = os.environ.get(VARIANT_ENV) or None
         self.pinned = parse_variant(variant) if isinstance(variant, str) else variant
@@ -601,8 +613,8 @@ class CudnnBackend:
 
         def build(variant):
             with _on(dev):
-                return _build_forward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, causal,
-                                      softmax_scale, variant)
+                return _build_forward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, softmax_scale,
+                                      variant, self.backend_only)
 
         plan = self._plan("fwd", key, causal, build)
         if plan is None:
@@ -639,8 +651,8 @@ class CudnnBackend:
 
         def build(variant):
             with _on(dev):
-                return _build_backward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, causal,
-                                       softmax_scale, variant, deterministic)
+                return _build_backward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, softmax_scale,
+                                       variant, self.backend_only, deterministic)
 
         plan = self._plan("bwd", key, causal, build)
         if plan is None:
