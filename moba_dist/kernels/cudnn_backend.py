@@ -477,6 +477,12 @@ class CudnnBackend:
                     self._imported = True
         return self._cudnn
 
+    def _require(self):
+        cudnn = self.module()
+        if cudnn is None:
+            raise RuntimeError(f"cudnn backend: the cudnn module is unavailable ({self._import_error})")
+        return cudnn
+
     @property
     def import_error(self) -> str | None:
         self.module()
@@ -607,7 +613,7 @@ class CudnnBackend:
         if v.shape[-1] != d:
             raise ValueError(f"v: head dim {v.shape[-1]} differs from q's {d}")
         dev = self._device(q)
-        cudnn = self.module()
+        cudnn = self._require()
         cls = shape_class(n_seg, max_seqlen_q, max_seqlen_k)
         key = graph_key("fwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index)
 
@@ -644,7 +650,7 @@ class CudnnBackend:
         if v.shape[-1] != d:
             raise ValueError(f"v: head dim {v.shape[-1]} differs from q's {d}")
         dev = self._device(q)
-        cudnn = self.module()
+        cudnn = self._require()
         deterministic = torch.are_deterministic_algorithms_enabled()
         cls = shape_class(n_seg, max_seqlen_q, max_seqlen_k, tq, tk)
         key = graph_key("bwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index, deterministic)
