@@ -55,6 +55,7 @@ import torch
 
 _HALF = (torch.float16, torch.bfloat16)
 VARIANT_ENV = "MOBA_DIST_CUDNN_VARIANT"
+GQA_BWD_ENV = "MOBA_DIST_CUDNN_GQA_BWD"  # "expand" (default): MHA backward on repeated K/V; "native"
 BACKEND_ONLY_ENV = "MOBA_DIST_CUDNN_BACKEND_ONLY"
 # Plan-name prefixes of the frontend's Python-side ("FROST") SDPA engines, excluded when only
 # cuDNN's own engines should run.
@@ -638,6 +639,22 @@ class CudnnBackend:
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
+        hq, hkv = q.shape[1], k.shape[1]
+        if hq != hkv and os.environ.get(GQA_BWD_ENV, "expand") == "expand" and k.shape[0]:
+            # cuDNN 9.19's GQA backward runs at about half its MHA speed on Hopper (measured:
+            # 16/4 heads, causal, 64K: 168 ms against FA2's 136 ms). Repeating K/V to Hq heads
+            # (a transient of 2 * Tk * Hq * D) and summing dK/dV over each group is faster.
+            g = hq // hkv
+            rep = [x.repeat_interleave(g, 1) for x in (k, v)]
+            dq, dk, dv = self._backward(dout, q, *rep, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                        max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+            fold = lambda x: x.view(x.shape[0], hkv, g, x.shape[-1]).sum(2, dtype=torch.float32)  # noqa: E731
+            return dq, fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+        return self._backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, softmax_scale, causal)
+
+    def _backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, softmax_scale, causal):
         tq, hq, d = q.shape
         tk, hkv = k.shape[0], k.shape[1]
         n_seg = cu_seqlens_q.numel() - 1
