@@ -60,12 +60,14 @@ MAX_BLOCKS = 2**30
 @dataclass(frozen=True)
 class GateConfig:
     """Launch parameters of the fused gate. The selection never depends on them (the scores'
-    reduction order is fixed); only speed does."""
+    reduction order is fixed); only speed does. The defaults were the fastest of eight measured on
+    an H200 (one 512K sequence, chunk 128, topk 8: 446 ms; 32/64/32 with 4 warps: about 13x
+    slower)."""
 
-    block_m: int = 32
-    block_n: int = 64
-    block_d: int = 32
-    num_warps: int = 4
+    block_m: int = 16
+    block_n: int = 128
+    block_d: int = 16
+    num_warps: int = 8
     num_stages: int = 1
     merge: str = "insert"
 
