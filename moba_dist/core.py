@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import AttnBackend, accum_dtype, merge_lse
+from .kernels import AttnBackend, accum_dtype, index_add_rows, merge_lse
 from .parallel.comm import Comm
 
 
@@ -218,7 +218,7 @@ class MoBACore(torch.autograd.Function):
                 dq_b, dk_b, dv_b = be.backward(_pick(dout, rows), _pick(q, rows), k_b, v_b,
                                                _pick(out, rows), lse_rows[rows].unsqueeze(0).contiguous(),
                                                b.cu_q, b.cu_k, b.max_q, meta.max_k_sel, scale, False)
-                dq.index_add_(0, rows, dq_b[:, 0].to(acc))
+                index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats per selected block
                 dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
             dq = dq.view(q.shape)
         del pool

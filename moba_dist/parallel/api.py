@@ -13,7 +13,13 @@ import warnings
 
 import torch
 
-from .._validation import check_cu_seqlens_form, check_positive_int, check_qkv, check_scale
+from .._validation import (
+    check_cu_seqlens_form,
+    check_cu_seqlens_values,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+)
 from ..kernels import backend_installed, deterministic_mode, get_backend
 from ..stats import MoBAStats, record
 from .comm import Comm
@@ -56,6 +62,8 @@ def _local_checks(entry: str, comm: Comm | None, q, k, v, cu_seqlens, chunk, top
     if comm is not None:
         check_device_for_group(comm, q)
     check_cu_seqlens_form(cu_seqlens, q.device)
+    if cu_seqlens.device.type == "cpu":  # free to read here; on a GPU it is read after the handshake
+        check_cu_seqlens_values(cu_seqlens.to(torch.int64), None)
     scale = check_scale(softmax_scale, q.shape[-1])
     be = get_backend(q.device, q.dtype, q.shape[-1], backend)
     impl = resolve_ring_impl(impl)

@@ -114,7 +114,7 @@ def open_group(group, entry: str) -> Comm:
     if not dist.is_available():
         raise RuntimeError(f"{entry}: torch.distributed is not available in this PyTorch build; "
                            "use moba_dist.moba_attn_varlen on one device")
-    if group is dist.GroupMember.NON_GROUP_MEMBER:
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(f"{entry}: group does not contain this process (new_group returned "
                          "NON_GROUP_MEMBER here); call it only on the group's ranks")
     if group is not None and not isinstance(group, dist.ProcessGroup):
