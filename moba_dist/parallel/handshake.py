@@ -85,6 +85,7 @@ _ERROR_TYPES = {1: ValueError, 2: TypeError, 3: RuntimeError}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda")
 _P = (1 << 31) - 1  # Mersenne prime: products of two residues fit in int64
+_MASK30 = (1 << 30) - 1
 _MIXERS = ((0x2545F491, 0x6C078965, 0x1B873593, 0x5BD1E995),
            (0x27D4EB2F, 0x165667B1, 0x3C6EF372, 0x7F4A7C15))
 
@@ -229,10 +230,11 @@ def _coefficients(n: int, device: torch.device) -> torch.Tensor:
 
 def cu_seqlens_hash(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``[2]`` int64 hash of the values of ``cu_seqlens`` (int32 or int64), on its device, with no
-    host sync: two universal hashes mod ``2**31 - 1`` of the values' 31-bit halves. Integer
+    host sync: two universal hashes mod ``2**31 - 1`` of the values' 30-bit pieces. Integer
     arithmetic, so the same on every rank, device and run."""
     x = cu_seqlens.to(torch.int64)
-    words = torch.stack([x & _P, (x >> 31) & _P], 1).flatten()
+    # 30-bit pieces are distinct residues mod p (a 31-bit piece equal to p would hash like 0).
+    words = torch.stack([x & _MASK30, (x >> 30) & _MASK30, (x >> 60) & _MASK30], 1).flatten()
     coef = _coefficients(words.numel(), x.device)
     return ((words[None, :] * coef) % _P).sum(1) % _P
 
@@ -307,7 +309,8 @@ def _raise_mismatch(entry: str, table: list[list[int]], local_env: dict[str, str
         if len(groups) > 1 and key != "cu_len":
             shown = "; ".join(f"ranks {ranks}: {_describe(key, w)}" for w, ranks in groups.items())
             if key.startswith("env:"):
-                shown += f" (this rank: {local_env.get(key)!r})"
+                here = local_env.get(key)
+                shown += f"; this rank: {'unset' if here is None else repr(here)}"
             problems.append(f"{label} differs ({shown})")
     lens = _groups([row[base + 2] for row in table])
     hashes = _groups([tuple(row[-_HASH_WORDS:]) for row in table])
@@ -362,7 +365,7 @@ def agree(comm: Comm, entry: str, device: torch.device, n_local: int, cu_seqlens
 
     _raise_reported_errors(entry, table, error)
     local_env = {f"env:{name}": os.environ.get(name) for name in ENV_FIELDS}
-    local_env["env:other"] = "see `env | grep MOBA_DIST_` on each rank"
+    local_env["env:other"] = "compare `env | grep MOBA_DIST_` across ranks"
     _raise_mismatch(entry, table, local_env)
 
     cu = flat[width:] if cu_on_device else cu_seqlens.to(torch.int64)
