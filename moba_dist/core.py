@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from .kernels import AttnBackend, accum_dtype, merge_lse
+from .kernels import AttnBackend, accum_dtype, index_add_rows, merge_lse
 from .parallel.comm import Comm
 
 
@@ -250,6 +250,6 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
             _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
             lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
             meta.softmax_scale, False)
-        dq.index_add_(0, rows, dq_b[:, 0].to(acc))
+        index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
         dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
     return dq.view(q.shape), dpool

@@ -485,6 +485,21 @@ class CudnnBackend:
         return cudnn
 
     @property
+    def installed(self) -> bool:
+        """Whether the cuDNN frontend imports (``pip install moba-dist[cudnn]``)."""
+        return self.module() is not None
+
+    def why_not(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        """Why this backend cannot run these inputs (``None``: it can)."""
+        if self.supports(device, dtype, head_dim):
+            return None
+        if device.type == "cuda" and not self.installed:
+            return (f"the cuDNN frontend does not import ({self.import_error}); "
+                    "install it with pip install moba-dist[cudnn]")
+        return (f"'cudnn' runs float16/bfloat16 with head_dim a multiple of 16 up to 128 on "
+                f"Hopper or newer GPUs, not {dtype} with head_dim={head_dim} on {device}")
+
+    @property
     def import_error(self) -> str | None:
         self.module()
         return self._import_error

@@ -2,6 +2,10 @@
 
 A row's softmax over a union of disjoint key sets equals the LSE-weighted sum of the softmaxes
 over each set: with ``lse = log(sum_p exp(lse_p))``, ``out = sum_p exp(lse_p - lse) * out_p``.
+
+Deterministic: the row-wise maximum is order-free, and the weighted sums over parts that share a
+row go through :func:`moba_dist.kernels.reduce.index_add_rows` (a sort-based segment sum under
+``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import accum_dtype
+from .reduce import index_add_rows
 
 
 def merge_lse(
@@ -48,7 +53,7 @@ def merge_lse(
         merged = out.to(acc) * w[:, None] + part_out.to(acc) * wp[:, None]
     else:
         wp = torch.exp(part_lse - m[index])
-        denom = w.index_add(0, index, wp)
-        merged = (out.to(acc) * w[:, None]).index_add_(0, index, part_out.to(acc) * wp[:, None])
+        denom = index_add_rows(w.clone(), index, wp)
+        merged = index_add_rows(out.to(acc) * w[:, None], index, part_out.to(acc) * wp[:, None])
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return merged / safe[:, None], m + torch.log(denom)
