@@ -30,7 +30,7 @@ import torch
 from .base import AttnBackend, accum_dtype
 from .cuda_backends import AtenFlashBackend, FlashAttnBackend
 from .cudnn_backend import CudnnBackend
-from .merge import merge_lse
+from .merge import LSEAccumulator, merge_lse
 from .reduce import deterministic_mode, index_add_rows
 from .torch_backend import TorchBackend, default_scale
 
@@ -157,6 +157,7 @@ def varlen_attn_with_lse(
 
 __all__ = [
     "AttnBackend",
+    "LSEAccumulator",
     "accum_dtype",
     "available_backends",
     "backend_installed",
