@@ -92,6 +92,10 @@ def shard_batch(input_ids: torch.Tensor, position_ids: torch.Tensor | None, labe
         pos = torch.arange(seqlen, device=ids.device).expand(batch, seqlen)
     else:
         pos = as_rows(position_ids, "position_ids").expand(batch, seqlen)
+    if batch * seqlen < world:
+        # An empty slice would reach HF's packed-sequence detection, which fails on 0 tokens.
+        raise ValueError(f"input_ids: {batch * seqlen} tokens cannot be split over {world} ranks "
+                         "(each rank needs at least one token)")
     offsets = slice_offsets(batch * seqlen, world)
     a, b = offsets[rank], offsets[rank + 1]
     out = {"input_ids": ids.reshape(-1)[a:b][None], "position_ids": pos.reshape(-1)[a:b][None]}
