@@ -211,15 +211,13 @@ def test_shard_rows_and_errors():
         shard_batch(ids, torch.arange(5)[None], None, 0, 2)
 
 
-# Packed streams for the CP runs (chunk 4, topk 2): slice boundaries inside a block and at the end
-# of a sequence, for the group sizes that run them.
-CP_CASES = {
-    2: [[21, 32], [27, 26]],  # cut at 27: inside block 1 of sequence 2; cut at 27: a sequence end
-    3: [[21, 32], [18, 10, 25]],  # cuts 18, 36 inside blocks; cut at 18: a sequence end
-}
+# Packed streams for the CP runs (chunk 4, topk 2, 53 tokens). 2 ranks cut at 27: inside block 1
+# of sequence 2, then at a sequence end. 3 ranks cut at 18 and 36: inside blocks, then at a
+# sequence end and a block start.
+CP_CASES = {2: [[21, 32], [27, 26]], 3: [[21, 32], [18, 10, 25]]}
 
 
-def _cp_step(model, inputs, cp_size, scale=1.0):
+def _cp_step(model, inputs, scale=1.0):
     model.zero_grad()
     loss = model(**inputs).loss
     (loss * scale).backward()
@@ -232,50 +230,60 @@ def _sum_over(group, t):
     return t
 
 
+def _close(got, want, tag):
+    err = abs(got.item() - want.item())
+    assert err <= 1e-6 * abs(want.item()), f"{tag}: loss {got.item()} vs {want.item()}"
+
+
+def check_cp_case(lengths, group, tag):
+    """Loss and parameter gradients summed over ``group`` equal the one-process reference model's,
+    without and with activation checkpointing."""
+    ids, pos = packed(lengths, seed=sum(lengths))
+    labels = ids.clone()
+    labels[0, 5] = -100
+    ref = make_model("moba_reference", full=[1])
+    want_loss = ref(input_ids=ids, position_ids=pos, labels=labels,
+                    shift_labels=moba_dist.hf.shift_labels(labels, pos)).loss
+    want_loss.backward()
+    model = make_model("moba_dist", full=[1])
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            model.train()
+        with moba_dist.hf.context_parallel(group) as cp:
+            loss = _cp_step(model, cp.shard(ids, position_ids=pos, labels=labels))
+        what = f"{tag} lengths {lengths} checkpointing={checkpointing}"
+        _close(_sum_over(group, loss), want_loss, what)
+        got = {n: _sum_over(group, g) for n, g in grads(model).items()}
+        assert_grads_close(got, grads(ref), 1e-8, what)
+
+
 def cp_worker(rank, world):
+    """Three ranks over the default group, then two over the sub-group {0, 2} (global rank 2 is
+    its rank 1; rank 1 idles, so anything touching the default group there would hang)."""
     _register()
-    for lengths in CP_CASES[world]:
-        ids, pos = packed(lengths, seed=sum(lengths))
-        labels = ids.clone()
-        labels[0, 5] = -100
-        ref = make_model("moba_reference", full=[1])
-        want_loss = ref(input_ids=ids, position_ids=pos, labels=labels,
-                        shift_labels=moba_dist.hf.shift_labels(labels, pos)).loss
-        want_loss.backward()
-        want = grads(ref)
-        model = make_model("moba_dist", full=[1])
-        for checkpointing in (False, True):
-            if checkpointing:
-                model.activation_checkpointing_enable()
-                model.train()
-            with moba_dist.hf.context_parallel() as cp:
-                inputs = cp.shard(ids, position_ids=pos, labels=labels)
-                loss = _cp_step(model, inputs, cp.size)
-            tag = f"rank {rank} lengths {lengths} checkpointing={checkpointing}"
-            total = _sum_over(None, loss)
-            assert abs(total.item() - want_loss.item()) <= 1e-6 * abs(want_loss.item()), tag
-            got = {n: _sum_over(None, g) for n, g in grads(model).items()}
-            assert_grads_close(got, want, 1e-8, tag)
+    for lengths in CP_CASES[3]:
+        check_cp_case(lengths, None, f"rank {rank} of 3")
 
     # A [B, S] batch flattens into rows; its loss is HF's plain per-row loss.
     ids, _ = packed([40], seed=3)
     ids = ids.view(2, 20)
-    model = make_model("moba_dist", full=[1])
     want_loss = make_model("moba_reference", full=[1])(input_ids=ids, labels=ids).loss
     with moba_dist.hf.context_parallel() as cp:
-        loss = _cp_step(model, cp.shard(ids, labels=ids), cp.size)
-    assert abs(_sum_over(None, loss).item() - want_loss.item()) <= 1e-6 * want_loss.item()
+        loss = _cp_step(make_model("moba_dist", full=[1]), cp.shard(ids, labels=ids))
+    _close(_sum_over(None, loss), want_loss, "rows")
 
-    if world == 3:
-        subgroup_ddp(rank)
-
-
-def subgroup_ddp(rank):
-    """CP over the sub-group {0, 2} (rank 1 idles), the model under DDP over that sub-group: DDP
-    averages, so backward loss * cp.size; nothing may touch the default group."""
     group = dist.new_group([0, 2])
     if rank == 1:
         return
+    for lengths in CP_CASES[2]:
+        check_cp_case(lengths, group, f"rank {rank} (sub-group rank {rank // 2}) of 2")
+    subgroup_ddp(rank, group)
+
+
+def subgroup_ddp(rank, group):
+    """The model under DDP over the CP sub-group, with activation checkpointing: DDP averages, so
+    backward ``loss * cp.size``."""
     ids, pos = packed([30, 23], seed=7)
     ref = make_model("moba_reference", full=[1])
     want_loss = ref(input_ids=ids, position_ids=pos, labels=ids,
@@ -286,15 +294,11 @@ def subgroup_ddp(rank):
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
     with moba_dist.hf.context_parallel(group) as cp:
-        assert (cp.rank, cp.size) == ([0, None, 1][rank], 2)
-        loss = _cp_step(ddp, cp.shard(ids, position_ids=pos, labels=ids), cp.size, scale=cp.size)
-    assert abs(_sum_over(group, loss).item() - want_loss.item()) <= 1e-6 * want_loss.item()
+        assert (cp.rank, cp.size) == (rank // 2, 2)
+        loss = _cp_step(ddp, cp.shard(ids, position_ids=pos, labels=ids), scale=cp.size)
+    _close(_sum_over(group, loss), want_loss, f"rank {rank} DDP")
     assert_grads_close(grads(model), grads(ref), 1e-8, f"rank {rank} DDP over a CP sub-group")
 
 
-def test_context_parallel_2_ranks():
-    run_distributed(cp_worker, 2)
-
-
-def test_context_parallel_3_ranks_and_a_ddp_subgroup():
+def test_context_parallel_on_3_ranks_and_a_2_rank_subgroup():
     run_distributed(cp_worker, 3)
