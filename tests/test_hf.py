@@ -1,12 +1,15 @@
 """HF transformers integration: a tiny float64 Llama with attn_implementation="moba_dist" against
 SDPA and against a model whose attention is the dense MoBA reference; context parallel on 2 and 3
 gloo ranks (loss and gradients summed over ranks vs one process, with and without activation
-checkpointing, on a CP sub-group under DDP); cp.shard against hand computations."""
+checkpointing, on a CP sub-group under DDP and FSDP2); cp.shard against hand computations."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -126,6 +129,17 @@ def test_shift_labels_single_process_matches_hf_on_rows():
     plain = model(input_ids=ids, labels=ids).loss
     ours = model(input_ids=ids, labels=ids, shift_labels=moba_dist.hf.shift_labels(ids)).loss
     assert plain.item() == ours.item()
+
+
+def test_flattening_collator_kwargs():
+    """cu_seq_lens_q/k (HF's DataCollatorWithFlattening) give the same packing as position_ids."""
+    ids, pos = packed([21, 32, 11])
+    model = make_model("moba_dist")
+    want = model(input_ids=ids, position_ids=pos).logits
+    cu = torch.tensor([0, 21, 53, 64], dtype=torch.int32)
+    got = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=32,
+                max_length_k=32).logits
+    assert got.equal(want)
 
 
 def test_errors_name_the_problem():
@@ -262,6 +276,12 @@ def cp_worker(rank, world):
     """Three ranks over the default group, then two over the sub-group {0, 2} (global rank 2 is
     its rank 1; rank 1 idles, so anything touching the default group there would hang)."""
     _register()
+    with moba_dist.hf.context_parallel() as cp:
+        with pytest.raises(ValueError, match="shard"):
+            make_model("moba_dist")(input_ids=torch.zeros(1, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="batch"):
+            cp.shard(torch.zeros(2, 4, dtype=torch.long))
+            make_model("moba_dist")(input_ids=torch.zeros(2, 4, dtype=torch.long))
     for lengths in CP_CASES[3]:
         check_cp_case(lengths, None, f"rank {rank} of 3")
 
@@ -278,26 +298,35 @@ def cp_worker(rank, world):
         return
     for lengths in CP_CASES[2]:
         check_cp_case(lengths, group, f"rank {rank} (sub-group rank {rank // 2}) of 2")
-    subgroup_ddp(rank, group)
+    subgroup_wrappers(rank, group)
 
 
-def subgroup_ddp(rank, group):
-    """The model under DDP over the CP sub-group, with activation checkpointing: DDP averages, so
-    backward ``loss * cp.size``."""
+def subgroup_wrappers(rank, group):
+    """The model under DDP, then under FSDP2, over the CP sub-group, with activation checkpointing:
+    both average gradients over their group, so backward ``loss * cp.size``."""
     ids, pos = packed([30, 23], seed=7)
     ref = make_model("moba_reference", full=[1])
     want_loss = ref(input_ids=ids, position_ids=pos, labels=ids,
                     shift_labels=moba_dist.hf.shift_labels(ids, pos)).loss
     want_loss.backward()
-    model = make_model("moba_dist", full=[1])
-    model.activation_checkpointing_enable()
-    model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-    with moba_dist.hf.context_parallel(group) as cp:
-        assert (cp.rank, cp.size) == (rank // 2, 2)
-        loss = _cp_step(ddp, cp.shard(ids, position_ids=pos, labels=ids), scale=cp.size)
-    _close(_sum_over(group, loss), want_loss, f"rank {rank} DDP")
-    assert_grads_close(grads(model), grads(ref), 1e-8, f"rank {rank} DDP over a CP sub-group")
+    want = grads(ref)
+    for wrapper in ("DDP", "FSDP2"):
+        model = make_model("moba_dist", full=[1])
+        model.activation_checkpointing_enable()
+        model.train()
+        if wrapper == "DDP":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+        else:
+            mesh = DeviceMesh.from_group(group, "cpu")
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        with moba_dist.hf.context_parallel(group) as cp:
+            assert (cp.rank, cp.size) == (rank // 2, 2)
+            loss = _cp_step(wrapped, cp.shard(ids, position_ids=pos, labels=ids), scale=cp.size)
+        _close(_sum_over(group, loss), want_loss, f"rank {rank} {wrapper}")
+        got = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads(model).items()}
+        assert_grads_close(got, want, 1e-8, f"rank {rank} {wrapper} over a CP sub-group")
 
 
 def test_context_parallel_on_3_ranks_and_a_2_rank_subgroup():

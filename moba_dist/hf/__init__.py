@@ -17,9 +17,15 @@ The model config carries the MoBA settings (:func:`moba_config`): ``moba_chunk_s
 Loss: the one-process equal of the sharded loss passes
 ``shift_labels=moba_dist.hf.shift_labels(ids, pos)`` (no token learns to predict the next packed
 sequence's first token). Gradients: the per-rank losses *sum* to the global mean, so parameter
-gradients must be summed over the CP group. DDP and FSDP *average* over their group: when they
-reduce over CP ranks (e.g. a flattened data x context mesh), backward ``loss * cp.size`` so that
-their average is the sum over CP ranks (and the mean over data-parallel replicas).
+gradients must be *summed* over the CP group. DDP and FSDP2 *average* over the group they reduce
+over: backward ``loss * cp.size`` under them, so that over a CP group their average is the sum,
+and over a flattened data x context group it is the mean over data-parallel replicas of the sums
+over CP ranks. (With FSDP2, ``set_gradient_divide_factor`` on every ``fully_shard``-ed module is
+the alternative.) Pass the CP sub-group as ``group``; nothing here uses the default group then.
+
+Supported inside ``context_parallel``: token ids through :meth:`ContextParallel.shard` (a
+``[B, S]`` batch becomes one packed row), causal decoder attention without padding masks,
+attention dropout, sliding windows or KV caches; at least one token per rank.
 
 Importing this package does not import transformers; :func:`register` does.
 """
