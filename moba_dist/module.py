@@ -83,7 +83,7 @@ class MoBAAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        from .hf.context import active_context
+        from .hf.context import active_context  # here: moba_dist.hf imports this module
 
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):

@@ -59,7 +59,7 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"query, key, value must be [B, H, S, D], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
-    batch, heads, seqlen, dim = query.shape
+    batch, heads, seqlen, _ = query.shape
     if key.shape[2] != seqlen:
         raise ValueError(f"key: {key.shape[2]} keys for {seqlen} queries; moba_dist runs training-style "
                          "forwards only (no KV cache, no generation)")
@@ -82,10 +82,10 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         cu = cu_seqlens_from_position_ids(kwargs.get("position_ids"), batch, seqlen)
     # [B, H, S, D] -> [B * S, H, D]: a strided view when B == 1 (the kernels take strided rows;
     # keys/values become head-major again inside, for free); one copy otherwise.
-    q, k, v = (t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], dim) for t in (query, key, value))
+    q, k, v = (t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = layer_attention(moba_config(config), layer_idx, q, k, v, cu, context_parallel=cp is not None,
                           group=cp.group if cp is not None else None, softmax_scale=scaling)
-    return out.view(batch, seqlen, heads, out.shape[-1]), None
+    return out.reshape(batch, seqlen, heads, out.shape[-1]), None
 
 
 def padding_free_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None,
