@@ -120,10 +120,15 @@ def _next_pow2(x: int) -> int:
 def split_bf16x3(summaries: torch.Tensor) -> torch.Tensor:
     """``[N, Hkv, D]`` float32 -> ``[Hkv, 3, N, D]`` bfloat16 ``(hi, mid, lo)`` with
     ``hi + mid + lo == summaries`` exactly (for values whose low part stays a normal bf16 number,
-    i.e. above about ``2**-110``; below that the split is still a fixed function of the value)."""
+    i.e. above about ``2**-110``; below that the split is still a fixed function of the value).
+    Infinities and NaNs go whole into ``hi`` (``mid = lo = 0``); finite values beyond bf16's range
+    keep bf16's largest finite value in ``hi``."""
     s = summaries.permute(1, 0, 2)
     hi = s.to(torch.bfloat16)
-    r = s - hi.float()  # exact: the rounding error of a round-to-nearest
+    big = torch.full_like(hi, torch.finfo(torch.bfloat16).max)
+    hi = torch.where(hi.isinf() & s.isfinite(), torch.copysign(big, hi), hi)
+    # Exact: the rounding error of a round-to-nearest (or of the clamp, in the same binade).
+    r = torch.where(hi.isfinite(), s - hi.float(), 0.0)
     mid = r.to(torch.bfloat16)
     lo = (r - mid.float()).to(torch.bfloat16)  # exact: r - mid has at most 8 significant bits
     return torch.stack([hi, mid, lo], dim=1).contiguous()
