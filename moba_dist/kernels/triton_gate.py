@@ -258,16 +258,18 @@ def _gate_topk_kernel(
     q_ptr, s_ptr, qb_ptr, qf_ptr, out_ptr,
     n, n_tiles,
     stride_qn, stride_qh, stride_sp, stride_sh, stride_sn, stride_on, stride_oh,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TOPK1: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MMA3: tl.constexpr, MERGE_BITONIC: tl.constexpr, ROUNDS_UNROLLED: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,
 ):
-    # Grid (Hkv, n_tiles), kv head fastest: the latest query tiles (the most candidates) of all
-    # heads launch first, and the short early tiles fill the tail.
-    hk = tl.program_id(0)
-    tile = n_tiles - 1 - tl.program_id(1)
+    # One grid axis (n_tiles * Hkv programs; a second axis would cap n_tiles at 65535), kv head
+    # fastest: the latest query tiles (the most candidates) of all heads launch first, and the
+    # short early tiles fill the tail.
+    pid = tl.program_id(0)
+    hk = pid % HKV
+    tile = n_tiles - 1 - pid // HKV
     R: tl.constexpr = BLOCK_M * GP
     Q_ONCE: tl.constexpr = BLOCK_D >= D
     r = tl.arange(0, R)
@@ -396,11 +398,11 @@ def gate_topk(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
     block_n = max(cfg.block_n, kp, 16)  # tl.topk needs k <= width; tl.dot needs >= 16
     group = hq // hkv
     n_tiles = triton.cdiv(n, cfg.block_m)
-    _gate_topk_kernel[(hkv, n_tiles)](
+    _gate_topk_kernel[(n_tiles * hkv,)](
         q, s, q_block.contiguous(), q_first_block.contiguous(), out,
         n, n_tiles,
         q.stride(0), q.stride(1), stride_sp, stride_sh, stride_sn, out.stride(0), out.stride(1),
-        G=group, GP=_next_pow2(group), D=d, TOPK1=topk1, KP=kp,
+        HKV=hkv, G=group, GP=_next_pow2(group), D=d, TOPK1=topk1, KP=kp,
         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=max(16, min(cfg.block_d, _next_pow2(d))),
         MMA3=mma3, MERGE_BITONIC=cfg.merge == "bitonic", ROUNDS_UNROLLED=cfg.rounds == "unrolled",
         # Triton 3.6's interpreter cannot take tensors as range() bounds (numpy 2); GPU code
