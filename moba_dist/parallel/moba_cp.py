@@ -46,7 +46,7 @@ from ..kernels import accum_dtype, get_backend
 from ..stats import MoBAStats, record
 from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
 from .comm import Comm
-from .plan import StreamPlan, fetch_plan, stream_plan
+from .plan import StreamPlan, expand_ranges, fetch_plan, stream_plan
 
 KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
 RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds the chosen blocks
@@ -193,17 +193,28 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
             pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
             seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
             seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
+        # Largest segments first: a varlen kernel's grid spans every segment of a call at the
+        # longest one's length, so batching segments of similar size wastes little of it.
+        order = torch.argsort(seg_counts, descending=True, stable=True)
+        seg_index = fp.seg_index
+        if lp.prefix_len:
+            seg_index = torch.cat([seg_index, fp.prefix_index.flatten()])
+        row_start = torch.cumsum(seg_len, 0) - seg_len
+        seg_index = seg_index[expand_ranges(row_start[order], seg_len[order])]
+        pair_start = torch.cumsum(seg_counts, 0) - seg_counts
+        seg_counts, seg_len = seg_counts[order], seg_len[order]
         batches = sel_batches(seg_counts, seg_len, pair_batch_size())
-        host = [fp.send_index, fp.seg_index, fp.prefix_index.flatten()]
+        host = [fp.send_index, seg_index, pair_start[order], seg_counts]
         host += [t for b in batches for t in (b.cu_q, b.cu_k)]
-        send_index, seg_index, prefix_index, *cus = to_device(host, dev)
+        send_index, seg_index, pair_start, counts_dev, *cus = to_device(host, dev)
+        pair_row = pair_row[expand_ranges(pair_start, counts_dev, pair_row.numel())]
         batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
                    for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
             pair_row=pair_row,
-            seg_index=torch.cat([seg_index, prefix_index]),
+            seg_index=seg_index,
             sel_batches=batches,
             max_k_sel=chunk,
             fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits),
