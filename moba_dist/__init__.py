@@ -2,12 +2,14 @@
 
 from .config import MoBAConfig
 from .moba import moba_attn_varlen
+from .module import MoBAAttention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
 from .stats import MoBAStats, last_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MoBAAttention",
     "MoBAConfig",
     "MoBAStats",
     "__version__",

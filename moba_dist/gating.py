@@ -9,12 +9,16 @@ separately by the attention.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .kernels.base import accum_dtype
+GATE_ENV = "MOBA_DIST_GATE"  # "torch" forces the pure-PyTorch gate on CUDA too
 
-GATE_TILE_ELEMS = 1 << 27  # score elements per gating tile (512 MiB in float32)
+GATE_TILE_ELEMS = 1 << 24  # score elements per gating tile on the CPU (64 MiB in float32, x2)
+GATE_TILE_ELEMS_CUDA = 1 << 27  # on CUDA without Triton (float64 scores: 1 GiB)
 SUM_TILE_ELEMS = 1 << 27  # key elements gathered per summary tile
+SUM_DTYPE = torch.float64  # block key sums: exact (hence order-free) for bf16/fp16 keys
 
 
 @torch.no_grad()
@@ -28,12 +32,13 @@ def block_part_sums(k: torch.Tensor, part_start: torch.Tensor, part_len: torch.T
         max_len: host bound on ``part_len`` (the block size).
 
     Returns:
-        ``[P, Hkv, D]`` in the accumulation dtype. Deterministic: each part is a padded dense
-        reduction, never an atomic scatter, so equal blocks give bitwise-equal sums.
+        ``[P, Hkv, D]`` float64. A bf16/fp16 key has at most 11 significant bits, so float64 sums
+        of up to millions of them are exact: a block's sum is the same bitwise however the block
+        is split into parts (across ranks) and in whatever order the parts are added. float32
+        keys are exact too unless one block's keys span more than about 2^29 in magnitude.
     """
-    acc = accum_dtype(k.dtype)
     n_parts = part_start.numel()
-    out = torch.zeros(n_parts, *k.shape[1:], dtype=acc, device=k.device)
+    out = torch.zeros(n_parts, *k.shape[1:], dtype=SUM_DTYPE, device=k.device)
     if n_parts == 0 or max_len == 0:
         return out
     ar = torch.arange(max_len, device=k.device)
@@ -41,9 +46,15 @@ def block_part_sums(k: torch.Tensor, part_start: torch.Tensor, part_len: torch.T
     for a in range(0, n_parts, step):
         rows = part_start[a:a + step, None] + ar
         valid = ar < part_len[a:a + step, None]
-        gathered = k[torch.where(valid, rows, 0)].to(acc)
+        gathered = k[torch.where(valid, rows, 0)].to(SUM_DTYPE)
         out[a:a + step] = (gathered * valid[..., None, None]).sum(1)
     return out
+
+
+def block_means(sums: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, Hkv, D]`` block means in the gate dtype from float64 block ``sums`` and ``lengths``
+    (one division in float64, one rounding)."""
+    return (sums / lengths.to(sums.device, sums.dtype)[:, None, None]).to(dtype)
 
 
 def gate_tiles(layout, q_begin: int, n: int, num_heads: int,
@@ -104,6 +115,35 @@ def _topk_packed(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Ten
     return torch.where(top > _INT64_MIN, width - 1 - (top & 0xFFFFFFFF), -1)
 
 
+def gate_scores(qt: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``s[t, g, c, r] = sum_d qt[t, g, c, d] * means[r, g, d]`` with a fixed summation order.
+
+    ``qt [t, Hkv, G, D]`` and ``means [r, Hkv, D]`` in the gate dtype. The sum runs over ``d`` in
+    increasing order with one rounded multiply and one rounded add per term (separate elementwise
+    kernels, so no fused multiply-add and no reordering by a GEMM library or by TF32), which
+    makes every score a function of its own query and block alone, whatever the tile shape.
+    That costs ``D`` passes over the tile: this is the CPU path; CUDA uses the Triton kernel.
+    """
+    m = means.permute(2, 1, 0)[:, None, :, None, :]  # [D, 1, Hkv, 1, r]
+    s = qt[..., 0, None] * m[0]
+    prod = torch.empty_like(s)
+    for d in range(1, qt.shape[-1]):
+        torch.mul(qt[..., d, None], m[d], out=prod)
+        s.add_(prod)
+    return s
+
+
+def _triton_gate():
+    """The fused Triton gate + top-k, or None when Triton (or a GPU for it) is missing."""
+    if os.environ.get(GATE_ENV, "auto") == "torch":
+        return None
+    try:
+        from .kernels.triton_gate import gate_topk
+    except Exception:  # ImportError, or a Triton that cannot build for this machine
+        return None
+    return gate_topk
+
+
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
                   q_first_block: torch.Tensor, topk: int, tiles) -> torch.Tensor:
@@ -111,24 +151,38 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tenso
 
     Args:
         q: ``[n, Hq, D]`` local queries.
-        summaries: ``[N, Hkv, D]`` block means of the whole stream (accumulation dtype).
+        summaries: ``[N, Hkv, D]`` block means of the whole stream, in the gate dtype (float32,
+            float64 for float64 inputs).
         q_block, q_first_block: ``[n]`` int64 device tensors, each query's current block and the
             first block of its sequence (global ids).
         topk: MoBA's top-k, counting the current block.
-        tiles: from :func:`gate_tiles`.
+        tiles: from :func:`gate_tiles` (the pure-PyTorch path's tiling).
 
     Returns:
         ``[n, Hq, topk - 1]`` int64 global block ids, ``-1`` where a query has fewer past blocks.
+        Which blocks are chosen depends on each query's own scores only (see
+        :func:`gate_scores`), never on ``n``, the tiling or the slicing.
     """
     n, hq, d = q.shape
     hkv = summaries.shape[1]
     sel = torch.full((n, hq, max(topk - 1, 0)), -1, dtype=torch.int64, device=q.device)
-    if topk <= 1:
+    if topk <= 1 or n == 0:
         return sel
+    fused = _triton_gate() if q.is_cuda and summaries.dtype == torch.float32 else None
+    if fused is not None:
+        return fused(q, summaries, q_block, q_first_block, topk)
     acc = summaries.dtype
     for a, b, lo, hi in tiles:
         qt = q[a:b].to(acc).view(b - a, hkv, hq // hkv, d)
-        s = torch.einsum("tkgd,rkd->tkgr", qt, summaries[lo:hi]).reshape(b - a, hq, hi - lo)
+        if q.is_cuda and acc == torch.float32:
+            # Without Triton: float64 products of bf16/fp16/fp32 inputs are exact and their sum
+            # is within an ulp of float64, so rounding to float32 gives the correctly rounded
+            # score but for ~2^-22 of ties of rounding: fast (a float64 GEMM, never TF32), not
+            # provably order-free like the Triton kernel or the CPU loop below.
+            s = torch.einsum("tkgd,rkd->tkgr", qt.double(), summaries[lo:hi].double()).float()
+        else:
+            s = gate_scores(qt, summaries[lo:hi])
+        s = s.reshape(b - a, hq, hi - lo)
         j = torch.arange(lo, hi, device=q.device)
         valid = (j >= q_first_block[a:b, None]) & (j < q_block[a:b, None])
         kk = min(topk - 1, hi - lo)

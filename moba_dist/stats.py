@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class MoBAStats:
@@ -27,7 +29,11 @@ class MoBAStats:
     allgather_kv_pairs: int = 0  # (block, kv head) items an all-gather of K and V would bring
     allgather_kv_bytes: int = 0
     selected_blocks_per_query: float = 0.0  # mean over (query, head), current block included
-    host_syncs: int = 0
+    host_syncs: int = 0  # device-to-host reads this call waited for (see moba_dist/device.py)
+    # [n, Hq, topk - 1] int64 past blocks chosen by each local (query, head), global block ids
+    # sorted ascending, -1 (fewer past blocks than slots) first; only with
+    # MOBA_DIST_RECORD_SELECTION=1, for analysis and invariance checks.
+    selection: torch.Tensor | None = None
 
 
 _last: MoBAStats | None = None

@@ -93,6 +93,8 @@ def traffic_worker(rank, world):
     assert st.allgather_kv_pairs == 12 * hkv
     assert st.selected_blocks_per_query <= 2.0
     out.sum().backward()
+    # Backward fetches the same rows again (nothing was kept), then returns their gradients.
+    assert st.bytes_received["kv_fetch.refetch"] == expect_in
     assert st.bytes_sent["kv_fetch.backward"] == expect_in
     assert st.bytes_received["kv_fetch.backward"] == (3 * 4 * hkv * row if rank == 0 else 0)
     ref = moba_attn_varlen(q, k, v, cu, 64, chunk, 2)

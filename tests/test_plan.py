@@ -88,11 +88,11 @@ def test_fetch_plan_moves_exactly_the_needed_rows(sc):
             expect += rows_of(layout, j, g, 0, total)
         assert got == expect
         assert plans[dst].seg_len.sum().item() == len(expect)
-        # The causal prefix: tokens of the first block before this slice, token-major.
+        # The causal prefix: tokens of the first block before this slice, head-major.
         pre = pool[plans[dst].prefix_index]
-        assert pre.shape == (lp.prefix_len, hkv)
+        assert pre.shape == (hkv, lp.prefix_len)
         for g in range(hkv):
-            assert pre[:, g].tolist() == (rows_of(layout, lp.prefix_block, g, 0, a) if lp.prefix_len else [])
+            assert pre[g].tolist() == (rows_of(layout, lp.prefix_block, g, 0, a) if lp.prefix_len else [])
 
 
 @settings(max_examples=200, deadline=None)

@@ -2,6 +2,8 @@
 
 Backends, in order of preference where they apply:
 
+  ``cudnn``       cuDNN's fused SDPA through NVIDIA's cuDNN frontend (Hopper or later, fp16/bf16,
+                  ``pip install moba-dist[cudnn]``), when it imports;
   ``flash_attn``  the flash-attn package (CUDA, fp16/bf16), when it imports;
   ``aten_flash``  PyTorch's bundled FlashAttention-2 (CUDA, fp16/bf16);
   ``torch``       plain PyTorch ops (any device and float dtype; the CPU/CI path).
@@ -19,16 +21,17 @@ import torch
 
 from .base import AttnBackend, accum_dtype
 from .cuda_backends import AtenFlashBackend, FlashAttnBackend
+from .cudnn_backend import CudnnBackend
 from .merge import merge_lse
 from .torch_backend import TorchBackend, default_scale
 
 ENV_VAR = "MOBA_DIST_ATTN_BACKEND"
-_PREFERENCE = ("flash_attn", "aten_flash", "torch")
+_PREFERENCE = ("cudnn", "flash_attn", "aten_flash", "torch")
 
 
 @cache
 def _registry() -> dict[str, AttnBackend]:
-    return {b.name: b for b in (FlashAttnBackend(), AtenFlashBackend(), TorchBackend())}
+    return {b.name: b for b in (CudnnBackend(), FlashAttnBackend(), AtenFlashBackend(), TorchBackend())}
 
 
 def available_backends() -> list[str]:
@@ -40,7 +43,7 @@ def get_backend(
     device: torch.device, dtype: torch.dtype, head_dim: int, name: str | None = None
 ) -> AttnBackend:
     """Pick the backend for these inputs: ``name``, else ``$MOBA_DIST_ATTN_BACKEND``, else the
-    first of ``flash_attn, aten_flash, torch`` that supports them."""
+    first of ``cudnn, flash_attn, aten_flash, torch`` that supports them."""
     name = name or os.environ.get(ENV_VAR) or None
     reg = _registry()
     if name is not None:

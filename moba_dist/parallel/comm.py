@@ -37,15 +37,38 @@ class Comm:
         order. Differentiable: the gradient of received rows travels back to their senders."""
         return _AllToAllRows.apply(x, send_splits, recv_splits, self, name)
 
+    def start_all_to_all(self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                         name: str) -> PendingAllToAll:
+        """Post the all-to-all of :meth:`all_to_all_rows` without waiting (not differentiable):
+        compute issued before :meth:`PendingAllToAll.wait` overlaps with the transfer."""
+        return _all_to_all(x, send_splits, recv_splits, self, name, async_op=True)
 
-def _all_to_all(x, send_splits, recv_splits, comm: Comm, name: str):
+
+class PendingAllToAll:
+    """An all-to-all in flight; :meth:`wait` returns the received rows (source order)."""
+
+    def __init__(self, work, out: torch.Tensor, keep: torch.Tensor):
+        self._work = work
+        self._out = out
+        self._keep = keep  # the send buffer must outlive the transfer
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        self._work = self._keep = None
+        return self._out
+
+
+def _all_to_all(x, send_splits, recv_splits, comm: Comm, name: str, async_op: bool = False):
+    x = x.contiguous()
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=comm.group)
+    work = dist.all_to_all_single(out, x, recv_splits, send_splits, group=comm.group,
+                                  async_op=async_op)
     row = x[0].nbytes if x.shape[0] else out[0].nbytes if out.shape[0] else 0
     me = comm.rank
     comm._log(name, row * (sum(send_splits) - send_splits[me]),
               row * (sum(recv_splits) - recv_splits[me]))
-    return out
+    return PendingAllToAll(work, out, x) if async_op else out
 
 
 class _AllToAllRows(torch.autograd.Function):

@@ -5,30 +5,50 @@ two paths cannot drift apart.
 
 Communication per call, per rank (W ranks, N blocks, Hkv kv heads, D head dim):
 
-  1. ``all_gather`` of local slice lengths (W ints),
-  2. ``all_gather`` of key sums of the block parts held locally (``max parts x Hkv x D`` floats),
+  1. ``all_gather`` of local slice lengths (W ints; done by the caller, ``parallel/api.py``),
+  2. ``all_gather`` of float64 key sums of the block parts held locally
+     (``max parts x Hkv x D`` doubles),
   3. ``all_gather`` of per-(kv head, block) selection counts (``Hkv x N + 1`` ints),
-  4. ``all_to_all_single`` of exactly the key/value rows other ranks selected (uneven splits);
-     backward sends their gradients back the same way, summed at the owner.
+  4. ``all_to_all_single`` of exactly the key/value rows other ranks selected (uneven splits),
+     overlapped with the self-block kernel; backward fetches them again (unless
+     ``keep_fetched``) while the self block's backward runs, then sends their gradients back the
+     same way, summed at the owner.
 
-Host syncs (both needed to size the all-to-all, nothing else waits on the device):
+Host syncs (both needed to size the all-to-all, nothing else waits on the device; counted in
+``MoBAStats.host_syncs``):
   A. after (1): slice lengths and ``cu_seqlens`` to the host, in one copy;
   B. after (3): the selection counts to the host.
+Host-planned index tables go to the device in one pinned, non-blocking copy per call, and the
+layout-only tables (which depend on ``cu_seqlens``, the slice offsets and ``chunk`` alone) are
+planned and uploaded once per layout and reused by every layer (``plan.stream_plan``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
+from torch.profiler import record_function
 
-from ..blocks import BlockLayout
-from ..core import CoreMeta, MoBACore, sel_batches
-from ..gating import block_part_sums, gate_tiles, select_blocks
-from ..kernels import get_backend
+from ..core import CoreMeta, KVFetch, MoBACore, sel_batches
+from ..device import to_device, to_host
+from ..gating import (
+    GATE_TILE_ELEMS,
+    GATE_TILE_ELEMS_CUDA,
+    block_means,
+    block_part_sums,
+    gate_tiles,
+    select_blocks,
+)
+from ..kernels import accum_dtype, get_backend
 from ..stats import MoBAStats, record
+from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
 from .comm import Comm
-from .plan import fetch_plan, local_plan
+from .plan import StreamPlan, fetch_plan, stream_plan
+
+KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
+RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds the chosen blocks
 
 
 def pair_batch_size() -> int:
@@ -36,95 +56,161 @@ def pair_batch_size() -> int:
     return int(os.environ.get("MOBA_DIST_PAIR_BATCH", 1 << 23))
 
 
-def _cu(lengths: torch.Tensor, device, first_extra: int = 0) -> torch.Tensor:
-    """int32 cumulative offsets ``[0, l0, l0+l1, ...]`` with ``first_extra`` added after 0."""
+def keep_fetched_default() -> bool:
+    """Whether fetched K/V rows are kept for backward instead of fetched again;
+    ``$MOBA_DIST_KEEP_FETCHED=1`` (default off: backward re-fetches them)."""
+    return os.environ.get(KEEP_FETCHED_ENV, "0") not in ("", "0", "false", "False")
+
+
+def _cu(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative offsets ``[0, l0, l0+l1, ...]`` (host)."""
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(lengths, 0) + first_extra
-    return cu.to(device=device, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu.to(torch.int32)
 
 
-def _block_summaries(k, layout, plans, comm) -> torch.Tensor:
-    """Mean key of every block of the stream, ``[N, Hkv, D]``; each rank contributes the sums of
-    the block parts it holds, combined in rank order (deterministic)."""
-    me = plans[comm.rank if comm else 0]
-    dev = k.device
-    sums_local = block_part_sums(k.detach(), me.part_start.to(dev), me.part_len.to(dev), layout.chunk)
-    sums = torch.zeros(layout.num_blocks, *k.shape[1:], dtype=sums_local.dtype, device=dev)
+def _layout_tables(sp: StreamPlan, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Device copies of the layout-only tables of this rank, made once per layout and device."""
+    key = ("tables", rank, str(device))
+    cached = sp.device_cache.get(key)
+    if cached is None:
+        lp = sp.ranks[rank]
+        names = ("start", "first_block", "length", "part_start", "part_len", "cu_self")
+        host = [sp.layout.start, sp.layout.first_block, sp.layout.length, lp.part_start,
+                lp.part_len, _cu(lp.part_len)]
+        *dev, = to_device(host + [p.part_block for p in sp.ranks], device)
+        cached = dict(zip(names, dev))
+        cached["cu_self"] = cached["cu_self"].to(torch.int32)
+        cached["part_blocks"] = dev[len(names):]  # every rank's, in rank order
+        sp.device_cache[key] = cached
+    return cached
+
+
+def _block_summaries(k, sp: StreamPlan, tables, comm, dtype) -> torch.Tensor:
+    """Mean key of every block of the stream, ``[N, Hkv, D]`` in ``dtype``. Each rank sums the
+    block parts it holds in float64; the parts are added in float64, where bf16/fp16 sums are
+    exact, so the means are bitwise those of the single-device call however blocks are cut."""
+    layout = sp.layout
+    sums_local = block_part_sums(k.detach(), tables["part_start"], tables["part_len"], layout.chunk)
+    sums = torch.zeros(layout.num_blocks, *k.shape[1:], dtype=sums_local.dtype, device=k.device)
+    blocks = tables["part_blocks"]
     if comm is None:
-        sums.index_add_(0, me.part_block.to(dev), sums_local)
+        sums.index_add_(0, blocks[0], sums_local)
     else:
-        width = max(p.part_block.numel() for p in plans)
+        width = max(p.part_block.numel() for p in sp.ranks)
         padded = sums_local.new_zeros(width, *k.shape[1:])
         padded[: sums_local.shape[0]] = sums_local
         gathered = comm.all_gather(padded, "block_sums")
-        for r, p in enumerate(plans):
-            sums.index_add_(0, p.part_block.to(dev), gathered[r, : p.part_block.numel()])
-    return sums / layout.length.to(dev, sums.dtype)[:, None, None]
+        for r, p in enumerate(sp.ranks):
+            sums.index_add_(0, blocks[r], gathered[r, : p.part_block.numel()])
+    return block_means(sums, tables["length"], dtype)
+
+
+def _prefix_pairs(first_part: int, hq: int, hkv: int, device) -> torch.Tensor:
+    """``[Hkv * first_part * G]`` rows ``t * Hq + h`` of the first local block part's queries,
+    grouped by kv head (the order of the prefix segments)."""
+    g = hq // hkv
+    t = torch.arange(first_part, device=device)
+    h = torch.arange(hq, device=device).view(hkv, 1, g)
+    return (t.view(1, -1, 1) * hq + h).flatten()
+
+
+def _gate_slices(sp: StreamPlan, offsets: torch.Tensor) -> torch.Tensor | None:
+    """Work-balanced slice cuts for the gate, or None to gate where the queries are (cached)."""
+    key = ("gate_slices", os.environ.get(BALANCE_ENV, "auto"))
+    if key not in sp.device_cache:
+        sp.device_cache[key] = (balanced_offsets(sp.layout, offsets.numel() - 1)
+                                if should_balance(sp.layout, offsets) else None)
+    return sp.device_cache[key]
+
+
+def _gate(q, summaries, layout, tables, begin: int, topk: int) -> torch.Tensor:
+    """Selections ``[n, Hq, topk - 1]`` of queries at global positions ``begin + row``."""
+    n, hq, _ = q.shape
+    pos = begin + torch.arange(n, device=q.device)
+    q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
+    q_first = tables["first_block"][q_block]
+    tile = GATE_TILE_ELEMS_CUDA if q.is_cuda else GATE_TILE_ELEMS
+    return select_blocks(q, summaries, q_block, q_first, topk, gate_tiles(layout, begin, n, hq, tile))
 
 
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
-                  softmax_scale: float, comm: Comm | None, backend: str | None) -> torch.Tensor:
-    """MoBA output of the local slice. ``cu_seqlens``/``offsets`` are host int64 tensors."""
+                  softmax_scale: float, comm: Comm | None, backend: str | None,
+                  keep_fetched: bool | None = None) -> torch.Tensor:
+    """MoBA output of the local slice. ``cu_seqlens``/``offsets`` are host int64 tensors, already
+    brought to the host by the caller (host sync A)."""
     world, rank = (comm.world, comm.rank) if comm else (1, 0)
     n, hq, d = q.shape
     hkv = k.shape[1]
     dev = q.device
-    layout = BlockLayout.build(cu_seqlens, chunk)
+    sp = stream_plan(cu_seqlens, offsets, chunk)
+    layout, lp = sp.layout, sp.ranks[rank]
+    tables = _layout_tables(sp, rank, dev)
     nblk = layout.num_blocks
-    plans = [local_plan(layout, offsets, r) for r in range(world)]
-    lp = plans[rank]
     stats = MoBAStats(world_size=world, rank=rank, local_tokens=n, host_syncs=1)
+    if keep_fetched is None:
+        keep_fetched = keep_fetched_default()
 
-    # Gate: global block means, then each local query against its sequence's past blocks.
-    summaries = _block_summaries(k, layout, plans, comm)
-    pos = lp.begin + torch.arange(n, device=dev)
-    q_block = torch.searchsorted(layout.start.to(dev), pos, right=True) - 1
-    q_first = layout.first_block.to(dev)[q_block]
-    sel = select_blocks(q.detach(), summaries, q_block, q_first, topk,
-                        gate_tiles(layout, lp.begin, n, hq))
+    # Gate: global block means, then each local query against its sequence's past blocks,
+    # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
+    with record_function("moba.summaries"):
+        summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
+    with record_function("moba.gate"):
+        balanced = _gate_slices(sp, offsets) if comm is not None else None
+        if balanced is None:
+            sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk)
+        else:
+            q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
+            sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk)
+            sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
     kk = sel.shape[-1]
+    if os.environ.get(RECORD_ENV, "0") == "1":
+        stats.selection = sel.sort(-1).values
 
-    # Count selections per (kv head, block); every rank learns every rank's needs.
-    head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
-    key = torch.where(sel >= 0, head_group * nblk + sel, hkv * nblk).flatten()
-    counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    all_counts = (comm.all_gather(counts, "selection_counts") if comm else counts[None]).cpu()
-    stats.host_syncs += 1
-    need = all_counts[:, :-1].view(world, hkv, nblk) > 0
-    fp = fetch_plan(layout, offsets, need, rank)
+    # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
+    with record_function("moba.counts"):
+        head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
+        key = torch.where(sel >= 0, head_group * nblk + sel, hkv * nblk).flatten()
+        del sel
+        counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+        all_counts = to_host(comm.all_gather(counts, "selection_counts") if comm else counts[None], stats)
 
-    # Fetch the selected rows (and the causal prefix) from earlier ranks; head-major pools.
-    k_hm = k.transpose(0, 1).reshape(hkv * n, d)
-    v_hm = v.transpose(0, 1).reshape(hkv * n, d)
-    if comm is not None:
-        send = torch.stack([k_hm, v_hm], 1)[fp.send_index.to(dev)]
-        recv = comm.all_to_all_rows(send, fp.send_splits, fp.recv_splits, "kv_fetch")
-        k_hm = torch.cat([recv[:, 0], k_hm])
-        v_hm = torch.cat([recv[:, 1], v_hm])
-    seg_index = fp.seg_index.to(dev)
-    k_sel, v_sel = k_hm[seg_index].unsqueeze(1), v_hm[seg_index].unsqueeze(1)
-    k_self, v_self = k, v
-    if lp.prefix_len:
-        prefix = fp.prefix_index.to(dev)
-        k_self, v_self = torch.cat([k_hm[prefix], k]), torch.cat([v_hm[prefix], v])
-
-    # Pairs sorted by (kv head, block): segment s holds the pairs that selected segment s.
-    num_pairs = int(all_counts[rank, :-1].sum())
-    pair_row = torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)
-    seg_counts = all_counts[rank, :-1][need[rank].flatten()]
-    part_len = lp.part_len
-    meta = CoreMeta(
-        cu_q_self=_cu(part_len, dev),
-        cu_k_self=_cu(part_len, dev, lp.prefix_len),
-        max_q_self=int(part_len.max()) if n else 0,
-        max_k_self=int(part_len.max()) + lp.prefix_len if n else 0,
-        sel_batches=sel_batches(seg_counts, fp.seg_len, pair_batch_size(), dev),
-        max_k_sel=chunk,
-        softmax_scale=softmax_scale,
-        backend=get_backend(dev, q.dtype, d, backend),
-    )
-    out = MoBACore.apply(q, k_self, v_self, k_sel, v_sel, pair_row, meta)
+    with record_function("moba.plan"):
+        need = all_counts[:, :-1].view(world, hkv, nblk) > 0
+        fp = fetch_plan(layout, offsets, need, rank, sp.ranks)
+        # Key segments: the selected (head, block)s in (head, block) order, then the causal
+        # prefix of the first local block per head. Pairs are sorted the same way; kept for
+        # backward as int32 (half the memory of int64).
+        num_pairs = int(all_counts[rank, :-1].sum())
+        pair_row = (torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)).to(torch.int32)
+        del key
+        seg_counts = all_counts[rank, :-1][need[rank].flatten()]
+        seg_len = fp.seg_len
+        if lp.prefix_len:
+            first_part = int(lp.part_len[0])
+            pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
+            seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
+            seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
+        batches = sel_batches(seg_counts, seg_len, pair_batch_size())
+        host = [fp.send_index, fp.seg_index, fp.prefix_index.flatten()]
+        host += [t for b in batches for t in (b.cu_q, b.cu_k)]
+        send_index, seg_index, prefix_index, *cus = to_device(host, dev)
+        batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
+                   for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
+        meta = CoreMeta(
+            cu_self=tables["cu_self"],
+            max_self=int(lp.part_len.max()) if n else 0,
+            pair_row=pair_row,
+            seg_index=torch.cat([seg_index, prefix_index]),
+            sel_batches=batches,
+            max_k_sel=chunk,
+            fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits),
+            softmax_scale=softmax_scale,
+            backend=get_backend(dev, q.dtype, d, backend),
+            keep_fetched=keep_fetched,
+        )
+    out = MoBACore.apply(q, k, v, meta)
 
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]

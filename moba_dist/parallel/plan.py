@@ -19,7 +19,7 @@ destination, the needed ranges in ``(g, j)`` order. The receiving rank's *pool* 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,12 +70,46 @@ def local_plan(layout: BlockLayout, offsets: torch.Tensor, rank: int) -> LocalPl
     return LocalPlan(rank, offsets, part_block, part_start, ov[part_block], prefix_block, prefix_len)
 
 
-def remote_need(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything that depends on ``(cu_seqlens, slice offsets, chunk)`` alone: the block layout
+    and every rank's :class:`LocalPlan`. Computed once per distinct layout and reused by every
+    layer (see :func:`stream_plan`)."""
+
+    layout: BlockLayout
+    offsets: torch.Tensor
+    ranks: tuple[LocalPlan, ...]
+    device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+_STREAM_CACHE: dict[tuple, StreamPlan] = {}
+_STREAM_CACHE_SIZE = 16
+
+
+def stream_plan(cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int) -> StreamPlan:
+    """Cached :class:`StreamPlan` for host int64 ``cu_seqlens``/``offsets``.
+
+    The key is the values themselves (a few hundred bytes to hash), so a model's layers, which
+    all see the same batch, plan once per step; the cache keeps the last 16 layouts."""
+    key = (cu_seqlens.numpy().tobytes(), offsets.numpy().tobytes(), chunk)
+    hit = _STREAM_CACHE.get(key)
+    if hit is None:
+        layout = BlockLayout.build(cu_seqlens, chunk)
+        ranks = tuple(local_plan(layout, offsets, r) for r in range(offsets.numel() - 1))
+        hit = StreamPlan(layout, offsets.clone(), ranks)
+        if len(_STREAM_CACHE) >= _STREAM_CACHE_SIZE:
+            _STREAM_CACHE.pop(next(iter(_STREAM_CACHE)))
+        _STREAM_CACHE[key] = hit
+    return hit
+
+
+def remote_need(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor,
+                plans: tuple[LocalPlan, ...] | None = None) -> torch.Tensor:
     """``[W, Hkv, N]``: (head, block) rows each rank must fetch from earlier ranks: its selected
     past blocks plus, for every head, the block holding its causal prefix."""
     out = need.clone()
     for r in range(need.shape[0]):
-        p = local_plan(layout, offsets, r)
+        p = plans[r] if plans is not None else local_plan(layout, offsets, r)
         if p.prefix_block >= 0:
             out[r, :, p.prefix_block] = True
     return out
@@ -92,7 +126,7 @@ class FetchPlan:
     seg_block: torch.Tensor  # [S] global block of each past segment
     seg_index: torch.Tensor  # [sum(seg lens)] pool rows forming the past segments, in order
     seg_len: torch.Tensor  # [S] rows of each past segment (its block length)
-    prefix_index: torch.Tensor  # [prefix_len, Hkv] pool rows of the causal prefix
+    prefix_index: torch.Tensor  # [Hkv, prefix_len] pool rows of the causal prefix, head-major
     recv_items: int  # (head, block) items received from other ranks
 
     @property
@@ -100,7 +134,8 @@ class FetchPlan:
         return sum(self.recv_splits)
 
 
-def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, rank: int) -> FetchPlan:
+def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, rank: int,
+               plans: tuple[LocalPlan, ...] | None = None) -> FetchPlan:
     """Plan rank ``rank``'s all-to-all and segment assembly.
 
     Args:
@@ -109,6 +144,7 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
         need: ``[W, Hkv, N]`` bool, ``need[w, g, j]``: a query of rank ``w`` in a head of group
             ``g`` selected past block ``j``. Identical on every rank.
         rank: this rank.
+        plans: every rank's :class:`LocalPlan` when already known (:func:`stream_plan`).
 
     Returns:
         A :class:`FetchPlan` (host int64 tensors).
@@ -117,7 +153,7 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
     world, hkv, _ = need.shape
     lens = offsets.diff()
     ov = layout.overlap(offsets)  # [W, N]
-    rneed = remote_need(layout, offsets, need)
+    rneed = remote_need(layout, offsets, need, plans)
     me = rank
 
     def requested(dst: int, src: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +210,8 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
     order = torch.argsort(torch.cat(piece_seg), stable=True)  # pieces were appended by source
     seg_index = expand_ranges(torch.cat(piece_start)[order], torch.cat(piece_len)[order])
 
-    # Causal prefix of the first local block, token-major [prefix_len, Hkv].
-    lp = local_plan(layout, offsets, me)
+    # Causal prefix of the first local block, head-major [Hkv, prefix_len].
+    lp = plans[me] if plans is not None else local_plan(layout, offsets, me)
     if lp.prefix_block >= 0:
         jp = lp.prefix_block
         per_head = []
@@ -183,9 +219,9 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
             starts = torch.stack([recv_pos[s][g, jp] for s in range(me)])
             plen = ov[:me, jp]
             per_head.append(expand_ranges(starts[plen > 0], plen[plen > 0]))
-        prefix_index = torch.stack(per_head, 1)
+        prefix_index = torch.stack(per_head)
     else:
-        prefix_index = torch.zeros(0, hkv, dtype=torch.int64)
+        prefix_index = torch.zeros(hkv, 0, dtype=torch.int64)
 
     return FetchPlan(send_splits, recv_splits, send_index, seg_head, seg_block, seg_index, seg_len,
                      prefix_index, len(recv_items))

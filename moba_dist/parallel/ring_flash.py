@@ -8,7 +8,8 @@ Two of its algorithms are offered:
   ``rfa_llama3``  ``llama3_flash_attn_varlen_func``: equal contiguous slices, keys/values
                   all-gathered head group by head group. Needs T to be a multiple of W.
 
-``impl`` (argument, else ``$MOBA_DIST_RING_IMPL``, else ``auto``): ``auto`` takes ``rfa_zigzag``
+``impl`` (argument, else ``$MOBA_DIST_RING_IMPL``, else ``auto``): ``auto`` takes our ring when
+its kernels are cuDNN's (faster than flash-attn's), else ``rfa_zigzag``
 where it can run and no kernel ``backend`` was named, our own ring otherwise; ``ours`` forces our
 ring; naming an ``rfa_*`` algorithm that cannot run (package missing, CPU, float32, lengths not
 divisible) warns and runs our ring.
@@ -105,6 +106,8 @@ def pick_impl(impl: str | None, q: torch.Tensor, cu_seqlens: torch.Tensor, world
         raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
     if name == "ours" or (name == "auto" and backend is not None):
         return "ours"
+    if name == "auto" and get_backend(q.device, q.dtype, q.shape[-1]).name == "cudnn":
+        return "ours"  # our ring on cuDNN kernels outruns ring-flash-attn's FA2 ring
     want = "rfa_zigzag" if name == "auto" else name
     reason = unavailable_reason(want, q, cu_seqlens, world)
     if reason is None:

@@ -1,0 +1,63 @@
+"""HF transformers (5.x) integration: ``attn_implementation="moba_dist"`` and context-parallel
+sharding of a batch with its loss.
+
+    import moba_dist.hf
+    moba_dist.hf.register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="moba_dist")
+    loss = model(input_ids=ids, position_ids=pos, labels=ids).loss        # one process
+
+    with moba_dist.hf.context_parallel(group=cp_group) as cp:           # under torchrun
+        inputs = cp.shard(ids, position_ids=pos, labels=ids)
+        loss = model(**inputs).loss        # this rank's share of the global mean loss
+        loss.backward()                    # parameter grads: sum them over cp_group
+
+The model config carries the MoBA settings (:func:`moba_config`): ``moba_chunk_size``,
+``moba_topk``, optional ``moba_full_attention_layers`` / ``moba_all_full``.
+
+Loss: the one-process equal of the sharded loss passes
+``shift_labels=moba_dist.hf.shift_labels(ids, pos)`` (no token learns to predict the next packed
+sequence's first token). Gradients: the per-rank losses *sum* to the global mean, so parameter
+gradients must be *summed* over the CP group. DDP and FSDP2 *average* over the group they reduce
+over: backward ``loss * cp.size`` under them, so that over a CP group their average is the sum,
+and over a flattened data x context group it is the mean over data-parallel replicas of the sums
+over CP ranks. (With FSDP2, ``set_gradient_divide_factor`` on every ``fully_shard``-ed module is
+the alternative.) Pass the CP sub-group as ``group``; nothing here uses the default group then.
+
+Supported inside ``context_parallel``: token ids through :meth:`ContextParallel.shard` (a
+``[B, S]`` batch becomes one packed row), causal decoder attention without padding masks,
+attention dropout, sliding windows or KV caches; at least one token per rank.
+
+Importing this package does not import transformers; :func:`register` does.
+"""
+
+from __future__ import annotations
+
+from .attention import moba_config, moba_dist_attention, padding_free_mask
+from .context import ContextParallel, active_context, context_parallel
+from .packing import cu_seqlens_from_position_ids, shift_labels, slice_offsets
+
+ATTN_IMPLEMENTATION = "moba_dist"
+
+
+def register(name: str = ATTN_IMPLEMENTATION) -> None:
+    """Register :func:`moba_dist_attention` (and its mask function, which refuses padding masks)
+    with HF transformers under ``name``, for ``attn_implementation=name``. Idempotent."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(name, moba_dist_attention)
+    AttentionMaskInterface.register(name, padding_free_mask)
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "ContextParallel",
+    "active_context",
+    "context_parallel",
+    "cu_seqlens_from_position_ids",
+    "moba_config",
+    "moba_dist_attention",
+    "padding_free_mask",
+    "register",
+    "shift_labels",
+    "slice_offsets",
+]
