@@ -46,12 +46,13 @@ from train_loss import chunked_lm_loss, retrieval_counts
 
 PRESETS = {
     # 2 CPU cores, gloo, float32: a few minutes end to end, accuracy far above chance.
-    "cpu": dict(seq_len=1024, batch=4, pairs=32, queries=16, keys=128, values=32, filler=64,
-                layers=2, hidden=128, heads=4, kv_heads=2, intermediate=384, moba_chunk=64,
-                moba_topk=4, steps=300, lr=3e-3, warmup=30, eval_every=50, eval_batches=4,
+    "cpu": dict(seq_len=512, min_seq_len=32, batch=4, pairs=4, queries=4, keys=4, values=16, filler=16,
+                layers=2, hidden=128, heads=4, kv_heads=2, intermediate=384, moba_chunk=32,
+                moba_topk=4, steps=300, lr=3e-3, warmup=20, eval_every=25, eval_batches=8,
                 checkpointing=False, loss_chunk=4096, rope_theta=10000.0),
     # 2 H200s, NCCL, bf16: one 512K-token sequence per step, sharded over both GPUs.
-    "gpu": dict(seq_len=524288, batch=1, pairs=512, queries=64, keys=1024, values=64, filler=64,
+    "gpu": dict(seq_len=524288, min_seq_len=None, batch=1, pairs=16, queries=16, keys=16, values=16,
+                filler=64,
                 layers=8, hidden=1024, heads=8, kv_heads=2, intermediate=2816, moba_chunk=4096,
                 moba_topk=12, steps=4, lr=1e-3, warmup=20, eval_every=0, eval_batches=1,
                 checkpointing=True, loss_chunk=16384, rope_theta=1e6),
@@ -68,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp", type=int, default=None, help="context-parallel ranks (default: all); dp = world // cp")
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
-    p.add_argument("--batch", type=int, help="sequences per data-parallel replica and step (packed)")
+    p.add_argument("--min-seq-len", type=int,
+                   help="training sequences have log-uniform lengths in [min-seq-len, seq-len], packed "
+                        "(held-out sequences are seq-len long); 0: all seq-len")
+    p.add_argument("--batch", type=int,
+                   help="tokens per data-parallel replica and step, in units of seq-len (packed)")
     p.add_argument("--moba-chunk", type=int, help="MoBA block size")
     p.add_argument("--moba-topk", type=int, help="MoBA blocks per query, own block included")
     p.add_argument("--lr", type=float)
@@ -144,7 +149,7 @@ def build_model(args, task: RetrievalTask, device: torch.device) -> nn.Module:
     cfg.moba_chunk_size = args.moba_chunk
     cfg.moba_topk = args.moba_topk
     # Full attention = the hybrid schedule with every layer full (runs the ring under CP).
-    cfg.moba_full_attention_layers = list(range(args.layers)) if args.attn == "full" else []
+    cfg.moba_all_full = args.attn == "full"
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="moba_dist", dtype=torch.float32)
     if args.checkpointing:
@@ -185,22 +190,15 @@ def shard_model(model: LossModel, world_mesh, device: torch.device) -> None:
 # Batches and steps
 
 
-def local_shift_labels(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """``labels[t + 1]`` at ``t``, -100 at each sequence's last token (where ``cp.shard`` does the
-    same for a slice when the batch is context-parallel)."""
-    shift = torch.full_like(labels, -100)
-    shift[:, :-1] = labels[:, 1:]
-    shift[:, :-1][position_ids[:, 1:] == 0] = -100
-    return shift
-
-
 def model_inputs(ids, pos, labels, cp) -> dict:
     """This rank's inputs: its slice of the packed batch under CP, else the whole batch."""
     if cp is not None:
         inputs = cp.shard(ids, position_ids=pos, labels=labels)
         return dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                     shift_labels=inputs["shift_labels"], num_items=inputs["num_items_in_batch"])
-    shift = local_shift_labels(labels, pos)
+    import moba_dist.hf
+
+    shift = moba_dist.hf.shift_labels(labels, pos)
     return dict(input_ids=ids, position_ids=pos, shift_labels=shift, num_items=(shift != -100).sum())
 
 
@@ -218,7 +216,8 @@ class Runner:
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.cp_group = self.mesh["cp"].get_group() if cp > 1 else None
         self.task = RetrievalTask(seq_len=args.seq_len, n_pairs=args.pairs, n_queries=args.queries,
-                                  n_keys=args.keys, n_values=args.values, n_filler=args.filler)
+                                  n_keys=args.keys, n_values=args.values, n_filler=args.filler,
+                                  min_seq_len=args.min_seq_len or None)
         lm = build_model(args, self.task, device)
         self.n_params = sum(p.numel() for p in lm.parameters())
         self.model = LossModel(lm, args.loss_chunk)
@@ -241,7 +240,8 @@ class Runner:
             yield cp
 
     def batch(self, split: str, index: int):
-        ids, pos, labels = make_batch(self.task, self.args.batch, seed=self.args.seed, split=split,
+        ids, pos, labels = make_batch(self.task, self.args.batch * self.args.seq_len, seed=self.args.seed,
+                                      split=split,
                                       dp_rank=self.dp_rank, step=index)
         return ids.to(self.device), pos.to(self.device), labels.to(self.device)
 
@@ -344,7 +344,7 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, done[-1]) if done else None
 
 
-_RESUME_KEYS = ("seq_len", "batch", "pairs", "queries", "keys", "values", "filler", "layers", "hidden",
+_RESUME_KEYS = ("seq_len", "min_seq_len", "batch", "pairs", "queries", "keys", "values", "filler", "layers", "hidden",
                 "heads", "kv_heads", "intermediate", "seed", "attn", "moba_chunk", "moba_topk")
 
 
