@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._validation import check_cu_seqlens, check_positive_int, check_scale
+from ._validation import check_cu_seqlens, check_positive_int, check_qkv, check_scale
+from .kernels import get_backend
 from .moba import causal_attn_varlen, moba_attn_varlen
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
+from .stats import MoBAStats, record
 
 
 @dataclass(frozen=True)
@@ -65,20 +67,31 @@ class MoBAConfig:
         full layers, :func:`moba_attn_varlen_cp` otherwise (which itself switches to the ring
         when ``topk * chunk_size`` covers the longest sequence).
 
-        Without an initialized default process group (and ``group=None``) the tensors are the
-        whole stream on one device and the single-device functions run instead.
+        One device: with ``group=None`` and no initialized default process group, the tensors
+        are the whole stream on one device and the single-device functions run instead (full
+        causal attention for full layers, :func:`moba_dist.moba_attn_varlen` otherwise) with
+        the same argument checks; ``cu_seqlens[-1]`` must then equal ``q.shape[0]``, so a
+        sharded input cannot slip through. This is the model-level dispatcher's choice: the CP
+        functions themselves raise without a process group (calling them is a request for
+        context parallelism, and a missing ``init_process_group`` is a setup error there), and
+        on one device both routes give the same result as a group of one rank.
 
         Shapes as in :func:`moba_attn_varlen_cp`: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]``, global
         int32 ``cu_seqlens [B + 1]``; returns ``[n, Hq, D]`` in q's dtype.
         """
         full = self.is_full(layer_idx)
         if group is None and not (dist.is_available() and dist.is_initialized()):
-            cu = check_cu_seqlens(cu_seqlens, q.shape[0] if isinstance(q, torch.Tensor) else None)
-            longest = int(cu.diff().max())
-            if full:
-                return causal_attn_varlen(q, k, v, cu, check_scale(softmax_scale, q.shape[-1]), backend)
-            return moba_attn_varlen(q, k, v, cu_seqlens, longest, self.chunk_size, self.topk,
-                                    softmax_scale=softmax_scale, backend=backend)
+            check_qkv(q, k, v)
+            if not full:
+                cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+                return moba_attn_varlen(q, k, v, cu, int(cu.diff().max()), self.chunk_size, self.topk,
+                                        softmax_scale=softmax_scale, backend=backend)
+            scale = check_scale(softmax_scale, q.shape[-1])
+            get_backend(q.device, q.dtype, q.shape[-1], backend)
+            cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+            record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=1,
+                             selected_blocks_per_query=float("nan")))
+            return causal_attn_varlen(q, k, v, cu, scale, backend)
         if full:
             return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
                                        backend=backend)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from .kernels import AttnBackend, accum_dtype, merge_lse
+from .kernels import AttnBackend, LSEAccumulator, accum_dtype, index_add_rows
 from .parallel.comm import Comm
 
 
@@ -219,13 +219,14 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
         return out, lse
     n, hq, _ = q.shape
     pool = torch.cat([recv, kv_hm])
-    acc_out, acc_lse = _flat(out), lse.t().reshape(-1)
+    merged = LSEAccumulator(_flat(out), lse.t().reshape(-1))
     for b in meta.sel_batches:
         rows = meta.pair_row[b.pairs].long()
         k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
         o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
                                               meta.max_k_sel, meta.softmax_scale, False)
-        acc_out, acc_lse = merge_lse(acc_out, acc_lse, o_sel[:, 0], lse_sel[0], rows)
+        merged.add(o_sel[:, 0], lse_sel[0], rows)
+    acc_out, acc_lse = merged.result()
     return acc_out.to(q.dtype).view(n, hq, -1), acc_lse.view(n, hq).t().contiguous()
 
 
@@ -250,6 +251,6 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
             _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
             lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
             meta.softmax_scale, False)
-        dq.index_add_(0, rows, dq_b[:, 0].to(acc))
+        index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
         dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
     return dq.view(q.shape), dpool

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_cu_seqlens, check_positive_int, check_qkv, check_scale
-from .kernels import varlen_attn_with_lse
+from ._validation import check_cu_seqlens, check_max_seqlen, check_positive_int, check_qkv, check_scale
+from .kernels import get_backend, varlen_attn_with_lse
 from .parallel.moba_cp import moba_pipeline
 from .stats import MoBAStats, record
 
@@ -35,8 +35,8 @@ def moba_attn_varlen(
 
     Each sequence is cut into blocks of ``moba_chunk_size`` tokens; query ``i`` attends causally
     to its own block plus the ``moba_topk - 1`` past blocks of its sequence whose mean key scores
-    highest against it (``<q_i, mean(K_j)>`` in float32, ties to the lower block). See
-    DESIGN.md §1 for the full contract.
+    highest against it (``<q_i, mean(K_j)>`` in float32, ties to the lower block). The README's
+    semantics section states the full contract.
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0``. float32/float64 on CPU,
@@ -46,11 +46,16 @@ def moba_attn_varlen(
             ``cu_seqlens``).
         moba_chunk_size: block size in tokens.
         moba_topk: blocks per query including its current block; 1 means the current block only.
-        softmax_scale: defaults to ``D ** -0.5``.
+        softmax_scale: positive and finite; defaults to ``D ** -0.5``.
         backend: attention kernel backend (see ``moba_dist.kernels``); default automatic.
 
     Returns:
         ``[T, Hq, D]`` in q's dtype; differentiable in q, k, v.
+
+    Raises:
+        TypeError, ValueError: naming the argument and the expected form (shapes, head counts,
+            dtypes the device or backend cannot run, ``cu_seqlens``, chunk/top-k, scale, an
+            unknown or missing backend).
 
     Memory: besides inputs and output, peak extra memory is about
     ``min(T * Hq * (topk - 1), P) * D`` elements for the gathered (query, head) rows of the
@@ -65,13 +70,13 @@ def moba_attn_varlen(
     counts once, to size the varlen kernels.
     """
     check_qkv(q, k, v)
-    cu = check_cu_seqlens(cu_seqlens, q.shape[0])
     chunk = check_positive_int("moba_chunk_size", moba_chunk_size)
     topk = check_positive_int("moba_topk", moba_topk)
     scale = check_scale(softmax_scale, q.shape[-1])
+    get_backend(q.device, q.dtype, q.shape[-1], backend)  # an unusable backend fails before any work
+    cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     longest = int(cu.diff().max())
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < longest:
-        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
+    check_max_seqlen(max_seqlen, longest)
     offsets = torch.tensor([0, q.shape[0]], dtype=torch.int64)
     if topk * chunk >= longest:
         # Every past block is selected: MoBA is exactly full causal attention.

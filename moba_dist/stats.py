@@ -9,7 +9,8 @@ import torch
 
 @dataclass
 class MoBAStats:
-    """What one ``moba_attn_varlen``/``moba_attn_varlen_cp`` call did on this rank.
+    """What one call of ``moba_attn_varlen``, ``moba_attn_varlen_cp``, ``ring_attn_varlen_cp``
+    or ``MoBAConfig.attention`` did on this rank.
 
     Byte figures are per rank and count only traffic to or from *other* ranks.
     ``bytes_sent``/``bytes_received`` map a collective's name to its measured bytes
@@ -18,7 +19,10 @@ class MoBAStats:
     whole K and V would have brought to this rank instead.
     """
 
-    path: str = "moba"  # "moba", or "ring" when top-k covered every sequence
+    # "moba"; "full": one device, full causal attention (top-k covered every sequence, or a
+    # full layer of MoBAConfig); "ring": ring attention over the group (ring_attn_varlen_cp, or
+    # moba_attn_varlen_cp when top-k covered every sequence)
+    path: str = "moba"
     world_size: int = 1
     rank: int = 0
     local_tokens: int = 0
@@ -45,7 +49,8 @@ def record(stats: MoBAStats) -> None:
 
 
 def last_stats() -> MoBAStats | None:
-    """The :class:`MoBAStats` of the most recent MoBA call in this process (None before any).
+    """The :class:`MoBAStats` of the most recent call in this process of any public attention
+    function (None before any). A call that raised records nothing.
 
     The ``bytes_*`` dicts are live: backward adds its all-to-all to them when it runs."""
     return _last

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, world, init_file, fn, args, errq):
+def _entry(rank, world, init_file, fn, args, errq, barrier=True):
     # One intra-op thread per rank: W ranks share the CI machine's 2 cores, and with the default
     # thread count a rank's float64 CPU kernels were seen to differ from the exact result by up to
     # 2e-9 in about 1 run in 50 (the same inputs on the other ranks came out exact).
@@ -19,7 +19,8 @@ def _entry(rank, world, init_file, fn, args, errq):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         fn(rank, world, *args)
-        dist.barrier()
+        if barrier:
+            dist.barrier()
     except BaseException:
         errq.put((rank, traceback.format_exc()))
         raise
@@ -28,14 +29,17 @@ def _entry(rank, world, init_file, fn, args, errq):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> None:
+def run_distributed(fn, world: int, *args, timeout: float = 300.0, barrier: bool = True) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` spawned processes under gloo; re-raise the
-    first failure in the parent. ``fn`` must be importable (module level)."""
+    first failure in the parent. ``fn`` must be importable (module level).
+
+    ``timeout``: seconds the parent waits for the processes. ``barrier``: end with a barrier on
+    every rank (off for tests in which a rank leaves the group's collectives on purpose)."""
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(r, world, init_file, fn, args, errq))
+        procs = [ctx.Process(target=_entry, args=(r, world, init_file, fn, args, errq, barrier))
                  for r in range(world)]
         for p in procs:
             p.start()

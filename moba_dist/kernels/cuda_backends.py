@@ -5,17 +5,39 @@ are thin adapters. Neither syncs with the host. FlashAttention-2 reports ``lse =
 that sees no key; the adapters turn that into the interface's ``-inf`` (log of an empty sum), which
 is what an LSE merge needs. Both accept fp16/bf16 and head dims up to 256
 (multiples of 8).
+
+Determinism: FlashAttention-2's backward adds dQ across key tiles with atomics unless asked not
+to. Under ``torch.use_deterministic_algorithms(True)`` both adapters get the deterministic
+backward: ``flash_attn`` through its ``deterministic`` argument, ``aten_flash`` by PyTorch itself
+(its flash backward reads the same global flag; in ``warn_only`` mode PyTorch keeps the fast
+kernel and warns once). Forward is deterministic in every mode.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
+from .reduce import deterministic_mode
+
 _HALF = (torch.float16, torch.bfloat16)
+FLASH_ATTN_MIN_VERSION = (2, 7)  # the private varlen signatures called below are 2.7's
 
 
-def _cuda_half(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    return device.type == "cuda" and dtype in _HALF and head_dim <= 256 and head_dim % 8 == 0
+def _cuda_half_why_not(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    if device.type != "cuda":
+        return f"{name!r} runs on CUDA only, got a tensor on {device}"
+    if dtype not in _HALF:
+        return f"{name!r} runs float16/bfloat16 only, got {dtype}"
+    if head_dim > 256 or head_dim % 8:
+        return f"{name!r} needs a head dim that is a multiple of 8 and at most 256, got {head_dim}"
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    found = re.match(r"\s*(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def _empty_rows_to_neg_inf(lse: torch.Tensor) -> torch.Tensor:
@@ -27,12 +49,22 @@ class AtenFlashBackend:
 
     name = "aten_flash"
 
+    @property
+    def installed(self) -> bool:
+        """Whether this PyTorch build ships FlashAttention-2 (whatever the inputs)."""
+        return (hasattr(torch.ops.aten, "_flash_attention_forward")
+                and torch.backends.cuda.is_flash_attention_available())
+
     def supports(self, device, dtype, head_dim):
-        return (
-            _cuda_half(device, dtype, head_dim)
-            and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.backends.cuda.is_flash_attention_available()
-        )
+        return self.why_not(device, dtype, head_dim) is None
+
+    def why_not(self, device, dtype, head_dim) -> str | None:
+        """Why these inputs cannot run here (``None``: they can)."""
+        reason = _cuda_half_why_not(self.name, device, dtype, head_dim)
+        if reason is None and not self.installed:
+            reason = ("PyTorch's bundled FlashAttention is not available in this build "
+                      "(torch.backends.cuda.is_flash_attention_available() is False)")
+        return reason
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 softmax_scale, causal):
@@ -44,7 +76,8 @@ class AtenFlashBackend:
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
-        # Dropout is off, so the RNG state the kernel would read is never used.
+        # Dropout is off, so the RNG state the kernel would read is never used. Deterministic mode
+        # is read by PyTorch inside the op (no argument).
         rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
         unused = torch.empty(0, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
@@ -60,14 +93,33 @@ class FlashAttnBackend:
     name = "flash_attn"
 
     def __init__(self):
+        self._fai, self._missing = None, None
         try:
+            import flash_attn
             from flash_attn import flash_attn_interface as fai
-        except Exception:  # ImportError, or a binary built for another torch
-            fai = None
+        except Exception as exc:  # ImportError, or a binary built for another torch
+            self._missing = (f"the flash-attn package does not import ({type(exc).__name__}: {exc}); "
+                             "install it with pip install 'flash-attn>=2.7' (or moba-dist[flash])")
+            return
+        version = getattr(flash_attn, "__version__", None)
+        major_minor = _major_minor(str(version)) if version is not None else None
+        if major_minor is not None and major_minor < FLASH_ATTN_MIN_VERSION:
+            self._missing = (f"flash-attn {version} is installed but moba_dist needs flash-attn >= 2.7 "
+                             "(pip install -U 'flash-attn>=2.7')")
+            return
         self._fai = fai
 
+    @property
+    def installed(self) -> bool:
+        """Whether flash-attn (>= 2.7) imports (whatever the inputs)."""
+        return self._fai is not None
+
     def supports(self, device, dtype, head_dim):
-        return self._fai is not None and _cuda_half(device, dtype, head_dim)
+        return self.why_not(device, dtype, head_dim) is None
+
+    def why_not(self, device, dtype, head_dim) -> str | None:
+        """Why these inputs cannot run here (``None``: they can)."""
+        return self._missing or _cuda_half_why_not(self.name, device, dtype, head_dim)
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 softmax_scale, causal):
@@ -80,8 +132,9 @@ class FlashAttnBackend:
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Positional, 2.7's order: ..., window left/right, softcap, alibi, deterministic, rng_state.
         self._fai._flash_attn_varlen_backward(
             dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k, 0.0, softmax_scale, causal, -1, -1, 0.0, None, False, None,
+            max_seqlen_k, 0.0, softmax_scale, causal, -1, -1, 0.0, None, deterministic_mode(), None,
         )
         return dq, dk, dv

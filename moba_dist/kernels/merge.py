@@ -2,6 +2,10 @@
 
 A row's softmax over a union of disjoint key sets equals the LSE-weighted sum of the softmaxes
 over each set: with ``lse = log(sum_p exp(lse_p))``, ``out = sum_p exp(lse_p - lse) * out_p``.
+
+Deterministic: the row-wise maximum is order-free, and the weighted sums over parts that share a
+row go through :func:`moba_dist.kernels.reduce.index_add_rows` (a sort-based segment sum under
+``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import accum_dtype
+from .reduce import index_add_rows
 
 
 def merge_lse(
@@ -48,7 +53,51 @@ def merge_lse(
         merged = out.to(acc) * w[:, None] + part_out.to(acc) * wp[:, None]
     else:
         wp = torch.exp(part_lse - m[index])
-        denom = w.index_add(0, index, wp)
-        merged = (out.to(acc) * w[:, None]).index_add_(0, index, part_out.to(acc) * wp[:, None])
+        denom = index_add_rows(w.clone(), index, wp)
+        merged = index_add_rows(out.to(acc) * w[:, None], index, part_out.to(acc) * wp[:, None])
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return merged / safe[:, None], m + torch.log(denom)
+
+
+class LSEAccumulator:
+    """Merge many partial results into ``R`` rows, touching only the rows each part names.
+
+    :func:`merge_lse` with an index rescales and rewrites all ``R`` rows per call; merging the
+    selected part of MoBA batch by batch that way costs several passes over ``[R, D]`` per batch.
+    Here a row keeps an unnormalized sum ``acc`` relative to its running maximum ``m`` plus the
+    normalizer ``l``, so a batch of ``P`` parts costs ``O(P * D)`` plus a few ``O(R)`` vector
+    passes: ``m`` grows by a row-wise (order-free) max, rows of the batch are rescaled by
+    ``exp(m_old - m_new)`` (a row named twice is written twice with the same value), then the
+    parts are added with :func:`index_add_rows` (deterministic under
+    ``torch.use_deterministic_algorithms(True)``).
+
+    Args:
+        out: ``[R, D]`` a first partial output of every row (any float dtype).
+        lse: ``[R]`` its log-sum-exp (``-inf``: the row saw no key yet).
+    """
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor):
+        self.dtype = accum_dtype(out.dtype)
+        self.m = lse.to(self.dtype).clone()
+        seen = torch.isfinite(self.m)
+        self.l = seen.to(self.dtype)
+        self.acc = torch.where(seen[:, None], out.to(self.dtype), 0)
+
+    def add(self, part_out: torch.Tensor, part_lse: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge ``part_out [P, D]`` with log-sum-exp ``part_lse [P]`` into rows ``index [P]``."""
+        part_lse = part_lse.to(self.dtype)
+        m_new = self.m.scatter_reduce(0, index, part_lse, reduce="amax", include_self=True)
+        shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        scale = torch.exp(self.m - shift)  # 0 where the row had seen nothing, 1 where m is unchanged
+        self.acc[index] = self.acc[index] * scale[index, None]
+        self.l = self.l * scale
+        wp = torch.exp(part_lse - shift[index])
+        index_add_rows(self.acc, index, part_out.to(self.dtype) * wp[:, None])
+        index_add_rows(self.l, index, wp)
+        self.m = m_new
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [R, D], lse [R])`` in the accumulation dtype; rows that saw no key: 0, -inf."""
+        safe = torch.where(self.l > 0, self.l, torch.ones_like(self.l))
+        shift = torch.where(torch.isinf(self.m), torch.zeros_like(self.m), self.m)
+        return self.acc / safe[:, None], shift + torch.log(self.l)

@@ -7,6 +7,10 @@ under ``max_elems`` score elements. Nothing is ever ``O(Tq * Tk)``.
 Host syncs: the tile table is built from ``cu_seqlens_q``/``cu_seqlens_k`` on the host (one
 device-to-host copy of each per call). This backend is the portable reference path; the CUDA
 backends have no such sync.
+
+Deterministic: forward writes every output row once; backward adds key gradients of the query
+tiles that share a key through :func:`moba_dist.kernels.reduce.index_add_rows` (sort-based on
+CUDA under ``torch.use_deterministic_algorithms(True)``, in order on the CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import torch
 
 from .base import accum_dtype
+from .reduce import index_add_rows
 
 
 def _tile_table(cu_q: torch.Tensor, cu_k: torch.Tensor, tile: int):
@@ -44,7 +49,13 @@ class TorchBackend:
         self.max_elems = max_elems
 
     def supports(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-        return dtype.is_floating_point
+        return self.why_not(device, dtype, head_dim) is None
+
+    def why_not(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        """Why these inputs cannot run here (``None``: they can)."""
+        if not dtype.is_floating_point:
+            return f"the 'torch' backend runs floating-point inputs, got {dtype}"
+        return None
 
     def _groups(self, cu_q, cu_k, hq: int):
         """Yield device index tensors for groups of tiles that fit the memory budget."""
@@ -121,9 +132,9 @@ class TorchBackend:
             ds = p * (dp - delta[..., None])
             dqt = torch.einsum("nkgtm,nmkd->ntkgd", ds, kt).reshape(n, t, hq, d) * softmax_scale
             dq[qi[qvalid]] = dqt[qvalid]
-            kv_rows = ki[kvalid]
-            dk.index_add_(0, kv_rows, (torch.einsum("nkgtm,ntkgd->nmkd", ds, qt) * softmax_scale)[kvalid])
-            dv.index_add_(0, kv_rows, torch.einsum("nkgtm,ntkgd->nmkd", p, do)[kvalid])
+            kv_rows = ki[kvalid]  # tiles of one segment share its keys: rows repeat
+            index_add_rows(dk, kv_rows, (torch.einsum("nkgtm,ntkgd->nmkd", ds, qt) * softmax_scale)[kvalid])
+            index_add_rows(dv, kv_rows, torch.einsum("nkgtm,ntkgd->nmkd", p, do)[kvalid])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -1,35 +1,115 @@
-"""Public context-parallel entry points."""
+"""Public context-parallel entry points.
+
+Both open the same way: errors that make communication impossible raise at once
+(``handshake.open_group``); every other argument is checked locally and the verdict travels in
+the handshake (``handshake.agree``), the first collective of the call, so that a bad argument
+on one rank makes every rank raise instead of leaving the others waiting in a collective.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
-from .._validation import check_cu_seqlens, check_positive_int, check_qkv, check_scale
+from .._validation import (
+    check_cu_seqlens_form,
+    check_cu_seqlens_values,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+)
+from ..kernels import backend_installed, deterministic_mode, get_backend
 from ..stats import MoBAStats, record
 from .comm import Comm
-from .moba_cp import gather_offsets, moba_pipeline
+from .handshake import Agreement, agree, check_device_for_group, fingerprint, handshake_device, open_group
+from .moba_cp import moba_pipeline
 from .ring import ring_pipeline
-from .ring_flash import IMPLS
+from .ring_flash import IMPL_ENV, IMPLS, load_ring_flash_attn
+
+_warned_rfa_nondeterministic = False
 
 
-def _offsets(q: torch.Tensor, cu_seqlens, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host ``cu_seqlens`` and slice offsets (host sync: one copy), checked against each other."""
-    on_device = (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu"
-                 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
-                 and cu_seqlens.dtype in (torch.int32, torch.int64))
-    if on_device:
-        # Validate the host copy that comes back with the slice lengths: one device-to-host copy
-        # instead of two. Every rank holds the same cu_seqlens, so every rank raises alike.
-        cu, offsets = gather_offsets(q.shape[0], cu_seqlens.to(q.device), comm)
-        cu = check_cu_seqlens(cu, None)
-    else:
-        cu, offsets = gather_offsets(q.shape[0], check_cu_seqlens(cu_seqlens, None).to(q.device), comm)
-    if int(cu[-1]) != int(offsets[-1]):
-        raise ValueError(
-            f"cu_seqlens[-1] ({int(cu[-1])}) must equal the total tokens over the group "
-            f"({int(offsets[-1])})"
-        )
-    return cu, offsets
+def resolve_ring_impl(impl) -> str:
+    """``impl``, else ``$MOBA_DIST_RING_IMPL``, else ``"auto"``, checked. Under
+    ``torch.use_deterministic_algorithms(True)`` ``"auto"`` becomes ``"ours"`` (ring-flash-attn
+    is run without its deterministic backward), and naming an ``rfa_*`` ring warns once."""
+    global _warned_rfa_nondeterministic
+    if impl is not None and not isinstance(impl, str):
+        raise TypeError(f"impl must be a str or None, got {type(impl).__name__}")
+    name, source = impl, "impl"
+    if name is None:
+        name, source = os.environ.get(IMPL_ENV) or "auto", f"${IMPL_ENV}"
+    if name not in IMPLS:
+        raise ValueError(f"{source}={name!r} is not a ring implementation; choose one of {IMPLS}")
+    if deterministic_mode():
+        if name == "auto":
+            return "ours"
+        if name != "ours" and not _warned_rfa_nondeterministic:
+            _warned_rfa_nondeterministic = True
+            warnings.warn(f"{source}={name!r} under torch.use_deterministic_algorithms(True): "
+                          "ring-flash-attn's backward is not deterministic, so gradients may differ "
+                          "bit for bit between runs; impl='ours' is deterministic. Shown once.",
+                          UserWarning, stacklevel=3)
+    return name
+
+
+def _local_checks(entry: str, comm: Comm | None, q, k, v, cu_seqlens, chunk, topk, softmax_scale,
+                  backend, impl) -> tuple[dict[str, int], float, str]:
+    """Every check that needs no other rank; returns (fingerprint, scale, resolved impl)."""
+    check_qkv(q, k, v)
+    if comm is not None:
+        check_device_for_group(comm, q)
+    check_cu_seqlens_form(cu_seqlens, q.device)
+    if cu_seqlens.device.type == "cpu":  # free to read here; on a GPU it is read after the handshake
+        check_cu_seqlens_values(cu_seqlens.to(torch.int64), None)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    be = get_backend(q.device, q.dtype, q.shape[-1], backend)
+    impl = resolve_ring_impl(impl)
+    cuda = q.device.type == "cuda"
+    words = fingerprint(entry, q, k, cu_seqlens, chunk, topk, scale, be.name, impl,
+                        flash_attn=cuda and backend_installed("flash_attn"),
+                        ring_flash_attn=cuda and load_ring_flash_attn() is not None)
+    return words, scale, impl
+
+
+def _open(entry: str, group, q, k, v, cu_seqlens, softmax_scale, backend, impl,
+          chunk_topk=None) -> tuple[Comm, Agreement, float, str, tuple[int, int]]:
+    """Open a call: group, local checks, handshake. Raises on every rank alike (see module doc)."""
+
+    def local(comm):
+        chunk = topk = 0
+        if chunk_topk is not None:
+            chunk = check_positive_int("moba_chunk_size", chunk_topk[0])
+            topk = check_positive_int("moba_topk", chunk_topk[1])
+        return (*_local_checks(entry, comm, q, k, v, cu_seqlens, chunk, topk, softmax_scale,
+                               backend, impl), (chunk, topk))
+
+    try:
+        comm, group_error = open_group(group, entry), None
+    except Exception as exc:
+        group_error = exc
+    if group_error is not None:
+        # No rank can be waiting on this one (no group, or not a member): an argument error,
+        # being more specific, is raised first.
+        local(None)
+        raise group_error
+    device = handshake_device(comm, q)
+    try:
+        words, scale, impl, chunk_topk = local(comm)
+        error = None
+    except Exception as exc:  # deferred: every rank learns of it in the handshake
+        words, scale, error = None, 0.0, exc
+    n_local = q.shape[0] if error is None else 0
+    agreement = agree(comm, entry, device, n_local, cu_seqlens, words, error)
+    return comm, agreement, scale, impl, chunk_topk
+
+
+def _record_ring(comm: Comm, n_local: int) -> None:
+    record(MoBAStats(path="ring", world_size=comm.world, rank=comm.rank, local_tokens=n_local,
+                     bytes_sent=comm.sent, bytes_received=comm.received, host_syncs=1,
+                     selected_blocks_per_query=float("nan")))
 
 
 def moba_attn_varlen_cp(
@@ -53,16 +133,28 @@ def moba_attn_varlen_cp(
     Args:
         q: ``[n, Hq, D]`` this rank's queries; k, v: ``[n, Hkv, D]``. Slices may differ in
             length (even be empty), and may start or end inside a sequence or a block.
-        cu_seqlens: int32 ``[B + 1]`` boundaries of the *global* stream, same on every rank.
+        cu_seqlens: int32 ``[B + 1]`` boundaries of the *global* stream, same on every rank
+            (on q's device or on the CPU).
         moba_chunk_size, moba_topk: as in :func:`moba_dist.moba_attn_varlen`.
-        group: process group (``None``: the default group). NCCL for CUDA tensors, gloo for CPU.
-        softmax_scale: defaults to ``D ** -0.5``.
+        group: process group (``None``: the default group, which must be initialized). NCCL
+            for CUDA tensors, gloo for CPU.
+        softmax_scale: positive and finite; defaults to ``D ** -0.5``.
         backend: attention kernel backend; default automatic.
 
     Returns:
         ``[n, Hq, D]`` in q's dtype, differentiable in q, k, v.
 
-    Communicated: block key sums (all-gather), selection counts (all-gather), and only the
+    Raises:
+        ValueError, TypeError: on *every* rank of the group when any rank's arguments are
+            invalid, or when ranks disagree on what must be identical (``cu_seqlens``, chunk,
+            top-k, scale, heads, head dim, dtype, backend, ``MOBA_DIST_*`` settings; a
+            :class:`moba_dist.parallel.handshake.RankMismatchError` then names the ranks and the
+            fields). Checked in the first collective, before any other communication.
+        ValueError: at once, on the calling rank, when no process group is initialized or
+            ``group`` does not contain the calling rank.
+
+    Communicated: the handshake (one all-gather of 480 bytes per rank: slice lengths and the
+    agreement check), block key sums (all-gather), selection counts (all-gather), and only the
     selected key/value rows (all-to-all, reversed in backward). See ``moba_cp.py`` for volumes
     and the two host syncs. Statistics: :func:`moba_dist.last_stats`.
 
@@ -70,17 +162,13 @@ def moba_attn_varlen_cp(
     selected and MoBA *is* full causal attention: the call then runs
     :func:`ring_attn_varlen_cp` instead (statistics ``path="ring"``, one host sync).
     """
-    check_qkv(q, k, v)
-    chunk = check_positive_int("moba_chunk_size", moba_chunk_size)
-    topk = check_positive_int("moba_topk", moba_topk)
-    scale = check_scale(softmax_scale, q.shape[-1])
-    comm = Comm(group)
-    cu, offsets = _offsets(q, cu_seqlens, comm)
+    comm, agreed, scale, impl, (chunk, topk) = _open(
+        "moba_attn_varlen_cp", group, q, k, v, cu_seqlens, softmax_scale, backend, None,
+        chunk_topk=(moba_chunk_size, moba_topk))
+    cu, offsets = agreed.cu_seqlens, agreed.offsets
     if topk * chunk >= int(cu.diff().max()):
-        out = ring_pipeline(q, k, v, cu, offsets, scale, comm, backend, None)
-        record(MoBAStats(path="ring", world_size=comm.world, rank=comm.rank, local_tokens=q.shape[0],
-                         bytes_sent=comm.sent, bytes_received=comm.received, host_syncs=1,
-                         selected_blocks_per_query=float("nan")))
+        out = ring_pipeline(q, k, v, cu, offsets, scale, comm, backend, impl)
+        _record_ring(comm, q.shape[0])
         return out
     return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, comm, backend)
 
@@ -106,27 +194,32 @@ def ring_attn_varlen_cp(
         q: ``[n, Hq, D]`` this rank's queries; k, v: ``[n, Hkv, D]``, ``Hq % Hkv == 0``.
             float32/float64 on CPU (gloo), bf16/fp16/float32 on CUDA (NCCL).
         cu_seqlens: int32 ``[B + 1]`` boundaries of the *global* stream, same on every rank.
-        group: process group (``None``: the default group).
-        softmax_scale: defaults to ``D ** -0.5``.
+        group: process group (``None``: the default group, which must be initialized).
+        softmax_scale: positive and finite; defaults to ``D ** -0.5``.
         backend: attention kernel backend of our own ring (see ``moba_dist.kernels``); naming
             one selects our ring under ``impl="auto"``.
         impl: ``"auto"`` (default, or ``$MOBA_DIST_RING_IMPL``): ring-flash-attn's zigzag ring
-            when flash-attn and ring-flash-attn import and can run the inputs, else our own;
-            ``"ours"``, ``"rfa_zigzag"``, ``"rfa_llama3"`` to choose (an ``rfa_*`` choice that
-            cannot run warns and falls back to ours). See ``parallel/ring_flash.py``.
+            when flash-attn and ring-flash-attn import and can run the inputs, else our own
+            (always our own under ``torch.use_deterministic_algorithms(True)``); ``"ours"``,
+            ``"rfa_zigzag"``, ``"rfa_llama3"`` to choose (an ``rfa_*`` choice that cannot run
+            warns and falls back to ours). See ``parallel/ring_flash.py``.
 
     Returns:
-        ``[n, Hq, D]`` in q's dtype, differentiable in q, k, v.
+        ``[n, Hq, D]`` in q's dtype, differentiable in q, k, v. :func:`moba_dist.last_stats`
+        describes this call (``path="ring"``).
 
-    Communicated (our ring): slice lengths (all-gather), q/k/v to the zigzag layout and the output
-    back (one all-to-all each way, reversed in backward), keys/values around the ring with double
-    buffering, and dK/dV accumulators around the ring in backward. See ``parallel/ring.py``.
-    Host syncs: one (slice lengths and ``cu_seqlens`` to the host, to plan the layouts).
+    Raises:
+        As :func:`moba_attn_varlen_cp`: argument errors and cross-rank disagreements raise on
+        every rank, in the first collective.
+
+    Communicated (our ring): the handshake (slice lengths and the agreement check, one
+    all-gather), q/k/v to the zigzag layout and the output back (one all-to-all each way,
+    reversed in backward), keys/values around the ring with double buffering, and dK/dV
+    accumulators around the ring in backward. See ``parallel/ring.py``.
+    Host syncs: one (the handshake table and ``cu_seqlens`` to the host, to plan the layouts).
     """
-    check_qkv(q, k, v)
-    scale = check_scale(softmax_scale, q.shape[-1])
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    comm = Comm(group)
-    cu, offsets = _offsets(q, cu_seqlens, comm)
-    return ring_pipeline(q, k, v, cu, offsets, scale, comm, backend, impl)
+    comm, agreed, scale, impl, _ = _open("ring_attn_varlen_cp", group, q, k, v, cu_seqlens,
+                                         softmax_scale, backend, impl)
+    out = ring_pipeline(q, k, v, agreed.cu_seqlens, agreed.offsets, scale, comm, backend, impl)
+    _record_ring(comm, q.shape[0])
+    return out

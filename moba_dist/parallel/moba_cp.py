@@ -5,7 +5,8 @@ two paths cannot drift apart.
 
 Communication per call, per rank (W ranks, N blocks, Hkv kv heads, D head dim):
 
-  1. ``all_gather`` of local slice lengths (W ints; done by the caller, ``parallel/api.py``),
+  1. ``all_gather`` of local slice lengths with the cross-rank agreement check (W rows of 60
+     int64; done by the caller, ``parallel/api.py`` through ``parallel/handshake.py``),
   2. ``all_gather`` of float64 key sums of the block parts held locally
      (``max parts x Hkv x D`` doubles),
   3. ``all_gather`` of per-(kv head, block) selection counts (``Hkv x N + 1`` ints),
@@ -225,14 +226,4 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     return out
 
 
-def gather_offsets(n_local: int, cu_seqlens: torch.Tensor, comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' slice offsets ``[W + 1]`` and ``cu_seqlens``, both on the host, in one copy."""
-    lens = comm.all_gather(torch.tensor([n_local], device=cu_seqlens.device), "slice_lengths")
-    host = torch.cat([cu_seqlens.to(torch.int64), lens.flatten().to(torch.int64)]).cpu()
-    cu, lens = host[: cu_seqlens.numel()], host[cu_seqlens.numel():]
-    offsets = torch.zeros(comm.world + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lens, 0)
-    return cu, offsets
-
-
-__all__ = ["moba_pipeline", "gather_offsets"]
+__all__ = ["moba_pipeline"]
