@@ -47,8 +47,8 @@ from train_loss import chunked_lm_loss, retrieval_counts
 PRESETS = {
     # 2 CPU cores, gloo, float32: a few minutes end to end, accuracy far above chance.
     "cpu": dict(seq_len=512, min_seq_len=32, batch=4, pairs=4, queries=4, keys=4, values=16, filler=16,
-                layers=2, hidden=128, heads=4, kv_heads=2, intermediate=384, moba_chunk=32,
-                moba_topk=4, steps=300, lr=3e-3, warmup=20, eval_every=25, eval_batches=8,
+                layers=1, hidden=128, heads=8, kv_heads=4, intermediate=384, moba_chunk=32,
+                moba_topk=4, steps=500, lr=3e-3, warmup=20, eval_every=50, eval_batches=16,
                 checkpointing=False, loss_chunk=4096, rope_theta=10000.0),
     # 2 H200s, NCCL, bf16: one 512K-token sequence per step, sharded over both GPUs.
     "gpu": dict(seq_len=524288, min_seq_len=None, batch=1, pairs=16, queries=16, keys=16, values=16,
@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", default=None, help="write checkpoints here (torch.distributed.checkpoint)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this launch after step N (checkpointed) of the --steps schedule; --resume later")
     task = p.add_argument_group("task")
     task.add_argument("--pairs", type=int, help="key-value pairs per sequence")
     task.add_argument("--queries", type=int, help="queried keys at the end of each sequence")
@@ -396,13 +398,14 @@ def main(argv=None) -> dict:
         if rank0:
             log.write(args.out_dir, meta, chance=task.chance, title=title)
 
+    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
     bar = None
     if rank0:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=end, initial=min(start, end), desc="train", dynamic_ncols=True, file=sys.stderr)
     step_times = []
-    for step in range(start, args.steps):
+    for step in range(start, end):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -414,9 +417,9 @@ def main(argv=None) -> dict:
         done = step + 1
         log.update(done, loss=loss, lr=run.lr_at(step), tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    peak_mem_gib=peak_memory_gib(device))
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+        if args.eval_every and done % args.eval_every == 0 and done < end:
             evaluate(done)
-        if args.ckpt_dir and args.ckpt_every and done % args.ckpt_every == 0 and done < args.steps:
+        if args.ckpt_dir and args.ckpt_every and done % args.ckpt_every == 0 and done < end:
             run.save(done, log)
         if bar is not None:
             row = log.rows[done]
@@ -428,10 +431,10 @@ def main(argv=None) -> dict:
     if bar is not None:
         bar.close()
 
-    final = max(start, args.steps)
+    final = max(start, end)
     if final not in log.rows or "eval_acc" not in log.rows[final]:
         evaluate(final)
-    if args.ckpt_dir and start < args.steps:
+    if args.ckpt_dir and start < end:
         run.save(final, log)
 
     peaks = [None] * run.world

@@ -17,10 +17,10 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 # A tiny model and task: a few seconds per run besides start-up.
-TINY = ["--seq-len", "128", "--min-seq-len", "32", "--batch", "2", "--pairs", "2", "--queries", "2",
-        "--keys", "4", "--values", "8", "--filler", "8", "--layers", "2", "--hidden", "32", "--heads", "2",
-        "--kv-heads", "1", "--intermediate", "64", "--moba-chunk", "16", "--moba-topk", "2",
-        "--lr", "1e-2", "--warmup", "2", "--eval-batches", "1"]
+TINY = ["--seq-len", "128", "--min-seq-len", "24", "--batch", "8", "--pairs", "2", "--queries", "2",
+        "--keys", "4", "--values", "8", "--filler", "8", "--layers", "2", "--hidden", "64", "--heads", "2",
+        "--kv-heads", "1", "--intermediate", "128", "--moba-chunk", "16", "--moba-topk", "2",
+        "--lr", "1e-2", "--warmup", "1", "--eval-batches", "1"]
 
 
 def train(*args: str, nproc: int = 2) -> tuple[dict, str]:
@@ -56,15 +56,16 @@ def test_train_learns_writes_outputs_and_resumes_exactly(tmp_path):
     full_ckpt, split_ckpt = tmp_path / "ckpt_full", tmp_path / "ckpt_split"
     out_full, out_split = tmp_path / "out_full", tmp_path / "out_split"
 
-    # Uninterrupted: 10 steps, held-out evaluation every 5, checkpoint at the end.
-    summary, _ = train("--steps", "10", "--eval-every", "5", "--out-dir", str(out_full),
+    # Uninterrupted: 12 steps, held-out evaluation every 6, checkpoint at the end.
+    summary, _ = train("--steps", "12", "--eval-every", "6", "--out-dir", str(out_full),
                        "--ckpt-dir", str(full_ckpt))
     rows = json.loads((out_full / "metrics.json").read_text())["rows"]
     losses = [r["loss"] for r in rows]
-    assert len(losses) == 10 and summary["steps"] == 10 and summary["cp"] == 2 and summary["dp"] == 1
-    # From log(vocab) (about 4.6 nats) the loss first drops to about log(values); a clear fall.
+    assert len(losses) == 12 and summary["steps"] == 12 and summary["cp"] == 2 and summary["dp"] == 1
+    # From about log(vocab) = 3.9 nats the loss first falls towards log(values) = 2.1 (the answer is
+    # one of the queried key's values), which takes a few steps; later, retrieval takes it lower.
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
-    assert [r["step"] for r in rows if "eval_acc" in r] == [5, 10]
+    assert [r["step"] for r in rows if "eval_acc" in r] == [6, 12]
     assert 0.0 <= summary["eval_acc"] <= 1.0 and summary["tokens_per_s"] > 0
     assert len(summary["peak_mem_gib_per_rank"]) == 2
     for name in ("metrics.csv", "metrics.json", "summary.json", "train_curves.png"):
@@ -72,17 +73,17 @@ def test_train_learns_writes_outputs_and_resumes_exactly(tmp_path):
     assert (out_full / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out_full / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss,eval_acc")
 
-    # Interrupted: 6 steps and a checkpoint, then a new launch resumes to step 10.
-    train("--steps", "6", "--eval-every", "5", "--out-dir", str(out_split), "--ckpt-dir", str(split_ckpt))
-    resumed, out = train("--steps", "10", "--eval-every", "5", "--out-dir", str(out_split),
+    # Interrupted: the same 12-step schedule stops after step 6 (checkpoint), a new launch resumes.
+    train("--steps", "12", "--stop-after", "6", "--eval-every", "6", "--out-dir", str(out_split), "--ckpt-dir", str(split_ckpt))
+    resumed, out = train("--steps", "12", "--eval-every", "6", "--out-dir", str(out_split),
                          "--ckpt-dir", str(split_ckpt), "--resume")
     assert "resumed at step 6" in out
     rows_split = json.loads((out_split / "metrics.json").read_text())["rows"]
-    assert [r["loss"] for r in rows_split] == losses  # bitwise, steps 7-10 recomputed after resume
+    assert [r["loss"] for r in rows_split] == losses  # bitwise: steps 7-12 ran after the resume
     assert resumed["eval_acc"] == summary["eval_acc"]
 
-    a = dict(flat(load_checkpoint(str(full_ckpt / "step_0000010"), tmp_path)))
-    b = dict(flat(load_checkpoint(str(split_ckpt / "step_0000010"), tmp_path)))
+    a = dict(flat(load_checkpoint(str(full_ckpt / "step_0000012"), tmp_path)))
+    b = dict(flat(load_checkpoint(str(split_ckpt / "step_0000012"), tmp_path)))
     assert a.keys() == b.keys()
     assert any(k.startswith("model.") for k in a) and any(k.startswith("optim.state") for k in a)
     for k in a:
