@@ -1,6 +1,6 @@
 """Block layout of a packed varlen batch (host-side, pure).
 
-Blocks are cut per sequence from its own first token (DESIGN §1 step 1) and numbered globally in
+Blocks are cut per sequence from its own first token (docs/semantics.md, blocks) and numbered globally in
 stream order, so block ``j`` covers tokens ``[start[j], start[j] + length[j])``. Everything here
 is small (``O(B + N)`` for B sequences and N blocks) and lives on the CPU; the few per-token
 lookups the device needs are done with ``torch.searchsorted`` on a device copy of ``start``.

@@ -1,10 +1,10 @@
 """MoBA gating as pure tensor functions: block summaries and top-k block selection.
 
-Semantics (DESIGN §1 steps 2-4): the summary of a block is the mean of its keys per kv head,
-accumulated in float32 (float64 for float64 inputs); query ``i`` scores every strictly past
-block of its own sequence by ``<q_i, mean(K_j)>`` (no softmax scale, no gradient) and keeps the
-``topk - 1`` best, ties going to the lower block index; its current block is always added
-separately by the attention.
+Semantics (docs/semantics.md): the summary of a block is the mean of its keys per kv head (summed
+in float64, which is exact for bf16/fp16 keys, then rounded once to float32); query ``i``
+scores every strictly past block of its own sequence by ``<q_i, mean(K_j)>`` (no softmax scale,
+no gradient) and keeps the ``topk - 1`` best, ties going to the lower block index; its current
+block is always added separately by the attention.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dense, mask-based references written straight from the semantics (DESIGN.md §1).
+"""Dense, mask-based references written straight from the semantics (docs/semantics.md).
 
 For tests only: each builds the full ``[H, L, L]`` score matrix of every sequence, so memory is
 ``O(H * L^2)``. Gradients come from autograd through plain ops.
@@ -32,7 +32,7 @@ def masked_attention(q, k, v, mask, softmax_scale=None):
 
 
 def moba_selection_reference(q, k, chunk: int, topk: int) -> torch.Tensor:
-    """Selected-block mask ``[Hq, L, nblocks]`` of one sequence, per DESIGN §1 steps 1-4."""
+    """Selected-block mask ``[Hq, L, nblocks]`` of one sequence, per docs/semantics.md."""
     length, hq, _ = q.shape
     acc = _acc(q.dtype)
     nb = -(-length // chunk)

@@ -53,7 +53,7 @@ def main() -> None:
     def err(a, b):
         return (a.float() - b.float()).abs().max().item()
 
-    line = (f"rank {rank}/{world}: tokens [{lo}, {hi}), max |cp - single|: out {err(out_l, out_f[lo:hi]):.1e}, "
+    line = (f"rank {rank}/{world}: tokens [{lo}, {hi}), max |cp - single|: out {err(out_l, out_f[lo:hi]):.1e}, "  # noqa: E501
             f"dq {err(q_l.grad, q_f.grad[lo:hi]):.1e}, dk {err(k_l.grad, k_f.grad[lo:hi]):.1e}, "
             f"dv {err(v_l.grad, v_f.grad[lo:hi]):.1e}; received "
             f"{sum(stats.bytes_received.values()) / 2**10:.0f} KiB, all-gather of K and V would be "

@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="defaults for every option left unset (see PRESETS)")
     p.add_argument("--attn", choices=("moba", "full"), default="moba",
                    help="MoBA in every layer, or exact causal attention in every layer (ring under CP)")
-    p.add_argument("--cp", type=int, default=None, help="context-parallel ranks (default: all); dp = world // cp")
+    p.add_argument("--cp", type=int, default=None, help="context-parallel ranks (default: all); dp = world // cp")  # noqa: E501
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--min-seq-len", type=int,
@@ -346,7 +346,7 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, done[-1]) if done else None
 
 
-_RESUME_KEYS = ("seq_len", "min_seq_len", "batch", "pairs", "queries", "keys", "values", "filler", "layers", "hidden",
+_RESUME_KEYS = ("seq_len", "min_seq_len", "batch", "pairs", "queries", "keys", "values", "filler", "layers", "hidden",  # noqa: E501
                 "heads", "kv_heads", "intermediate", "seed", "attn", "moba_chunk", "moba_topk")
 
 

@@ -1,4 +1,4 @@
-"""Small hand-worked cases pinning DESIGN §1, and argument validation."""
+"""Small hand-worked cases pinning the semantics (docs/semantics.md), and argument validation."""
 
 import pytest
 import torch

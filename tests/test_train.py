@@ -74,7 +74,7 @@ def test_train_learns_writes_outputs_and_resumes_exactly(tmp_path):
     assert (out_full / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss,eval_acc")
 
     # Interrupted: the same 12-step schedule stops after step 6 (checkpoint), a new launch resumes.
-    train("--steps", "12", "--stop-after", "6", "--eval-every", "6", "--out-dir", str(out_split), "--ckpt-dir", str(split_ckpt))
+    train("--steps", "12", "--stop-after", "6", "--eval-every", "6", "--out-dir", str(out_split), "--ckpt-dir", str(split_ckpt))  # noqa: E501
     resumed, out = train("--steps", "12", "--eval-every", "6", "--out-dir", str(out_split),
                          "--ckpt-dir", str(split_ckpt), "--resume")
     assert "resumed at step 6" in out
