@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from moba_dist.reference import moba_selection_reference
+from moba_dist.reference import masked_attention, moba_selection_reference
 
 
 def make_cu(lengths) -> torch.Tensor:
@@ -67,4 +67,23 @@ def assert_close(actual, expected, dtype, what=""):
         assert err <= 1e-5 * scale, f"{what}: max abs error {err} (scale {scale})"
 
 
-__all__ = ["make_cu", "rand_qkv", "gate_margin", "assert_close", "moba_selection_reference"]
+def segment_attention_reference(q, k, v, lq, lk, scale, causal):
+    """float64 per-segment dense attention ``out [Tq, Hq, D]`` and ``lse [Hq, Tq]``."""
+    outs, lses = [], []
+    qa = ka = 0
+    rep = q.shape[1] // k.shape[1]
+    for a, b in zip(lq, lk):
+        mask = torch.ones(a, b, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = (torch.arange(b, device=q.device)[None, :]
+                    <= torch.arange(a, device=q.device)[:, None] + (b - a))
+        qs, ks, vs = q[qa:qa + a], k[ka:ka + b], v[ka:ka + b]
+        outs.append(masked_attention(qs, ks, vs, mask[None], scale))
+        sc = torch.einsum("ihd,jhd->hij", qs, ks.repeat_interleave(rep, 1)) * scale
+        lses.append(torch.logsumexp(sc.masked_fill(~mask[None], float("-inf")), -1))
+        qa, ka = qa + a, ka + b
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+__all__ = ["make_cu", "rand_qkv", "gate_margin", "assert_close", "moba_selection_reference",
+           "segment_attention_reference"]

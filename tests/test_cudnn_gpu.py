@@ -6,10 +6,10 @@ module, pre-Hopper GPU)."""
 
 import pytest
 import torch
+from helpers import segment_attention_reference as reference
 
 from moba_dist.kernels import merge_lse
 from moba_dist.kernels.cudnn_backend import CudnnBackend
-from moba_dist.reference import masked_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -27,24 +27,6 @@ def cu_of(lengths):
     for n in lengths:
         c.append(c[-1] + n)
     return torch.tensor(c, dtype=torch.int32, device="cuda")
-
-
-def reference(q, k, v, lq, lk, scale, causal):
-    """float64 per-segment dense attention ``out [Tq, Hq, D]`` and ``lse [Hq, Tq]``."""
-    outs, lses = [], []
-    qa = ka = 0
-    rep = q.shape[1] // k.shape[1]
-    for a, b in zip(lq, lk):
-        mask = torch.ones(a, b, dtype=torch.bool, device=q.device)
-        if causal:
-            mask = (torch.arange(b, device=q.device)[None, :]
-                    <= torch.arange(a, device=q.device)[:, None] + (b - a))
-        qs, ks, vs = q[qa:qa + a], k[ka:ka + b], v[ka:ka + b]
-        outs.append(masked_attention(qs, ks, vs, mask[None], scale))
-        sc = torch.einsum("ihd,jhd->hij", qs, ks.repeat_interleave(rep, 1)) * scale
-        lses.append(torch.logsumexp(sc.masked_fill(~mask[None], float("-inf")), -1))
-        qa, ka = qa + a, ka + b
-    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def inputs(lq, lk, hq, hkv, d, dtype, seed):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import segment_attention_reference as reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,23 +30,6 @@ from moba_dist.reference import masked_attention
 def cu_of(lengths, device="cpu"):
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
                         dtype=torch.int32, device=device)
-
-
-def reference(q, k, v, lq, lk, scale, causal):
-    """Per-segment dense attention and LSE ``[Hq, Tq]`` (bottom-right causal)."""
-    outs, lses = [], []
-    qa = ka = 0
-    rep = q.shape[1] // k.shape[1]
-    for a, b in zip(lq, lk):
-        mask = torch.ones(a, b, dtype=torch.bool)
-        if causal:
-            mask = torch.arange(b)[None, :] <= torch.arange(a)[:, None] + (b - a)
-        qs, ks, vs = q[qa:qa + a], k[ka:ka + b], v[ka:ka + b]
-        outs.append(masked_attention(qs, ks, vs, mask[None], scale))
-        sc = torch.einsum("ihd,jhd->hij", qs, ks.repeat_interleave(rep, 1)) * scale
-        lses.append(torch.logsumexp(sc.masked_fill(~mask[None], float("-inf")), -1))
-        qa, ka = qa + a, ka + b
-    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def emulate_cudnn(q, k, v, meta, scale, causal):
