@@ -22,6 +22,7 @@ gradients for each key set (see ``kernels/base.py``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,13 +88,53 @@ class _Ready:
         return self.value
 
 
+SELECTED_ENV = "MOBA_DIST_SELECTED_KERNEL"
+FUSED_MAX_CHUNK = 512  # auto: blocks up to this size go to the fused kernel, larger to varlen ones
+
+
+def use_fused_selected(device: torch.device, dtype: torch.dtype, chunk: int) -> bool:
+    """Whether the selected part runs in the fused Triton kernel (``kernels/triton_moba.py``)
+    rather than the varlen backend; ``$MOBA_DIST_SELECTED_KERNEL``: ``auto`` (default: CUDA,
+    bf16/fp16, ``chunk <= FUSED_MAX_CHUNK``), ``triton`` (also float32, and on CPU under
+    ``TRITON_INTERPRET=1``, for tests) or ``varlen``."""
+    choice = os.environ.get(SELECTED_ENV, "auto")
+    if choice not in ("auto", "triton", "varlen"):
+        raise ValueError(f"{SELECTED_ENV}: expected auto, triton or varlen, got {choice!r}")
+    if choice == "varlen" or (choice == "auto" and (
+            device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)
+            or chunk > FUSED_MAX_CHUNK)):
+        return False
+    try:
+        from .kernels import triton_moba  # noqa: F401
+    except Exception as e:  # no Triton, or one that cannot build here
+        if choice == "triton":
+            raise ValueError(f"{SELECTED_ENV}=triton: the Triton kernel does not import ({e})") from e
+        return False
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{SELECTED_ENV}=triton: runs bfloat16, float16 or float32, got {dtype}")
+    return True
+
+
+@dataclass(frozen=True)
+class FusedSel:
+    """The selected part in the fused Triton kernel's index format (``kernels/triton_moba.py``):
+    segment ``g`` is rows ``[seg_start[g], seg_start[g] + seg_len[g])`` of the segment-major
+    K/V that ``CoreMeta.seg_index`` gathers from the pool."""
+
+    sel: torch.Tensor  # int32 [n, Hq, S]: segment read by (query, head, slot), -1 for none
+    seg_start: torch.Tensor  # int64 [segments]
+    seg_len: torch.Tensor  # int32 [segments]
+    rows: int  # len(seg_index), host
+    chunk: int  # host bound on seg_len
+
+
 @dataclass(frozen=True)
 class CoreMeta:
     """Host sizes and device index tensors of one call's kernels and fetch."""
 
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
-    pair_row: torch.Tensor  # [pairs] int32 flat ``t * Hq + h`` row of each selected pair, by segment
+    pair_row: torch.Tensor | None  # [pairs] int32 flat ``t * Hq + h`` row of each selected pair, by segment
     seg_index: torch.Tensor  # [rows] pool rows of every key segment, in segment order
     sel_batches: list[SelBatch]
     max_k_sel: int
@@ -101,6 +142,7 @@ class CoreMeta:
     softmax_scale: float
     backend: AttnBackend
     keep_fetched: bool
+    fused: FusedSel | None = None  # set: the selected part runs in the fused Triton kernel
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, max_pairs: int) -> list[SelBatch]:
@@ -215,6 +257,8 @@ class MoBACore(torch.autograd.Function):
 
 def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
     """Merge the selected part into the self part's ``out [n, Hq, D]``, ``lse [Hq, n]``."""
+    if meta.fused is not None:
+        return _fused_forward(q, recv, kv_hm, out, lse, meta)
     if not meta.sel_batches:
         return out, lse
     n, hq, _ = q.shape
@@ -233,6 +277,8 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
 def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     """Selected part's backward: ``dq`` (accumulation dtype) and the gradient of every pool row
     ``dpool [R + Hkv * n, 2, D]`` (q's dtype; received rows first, then local head-major)."""
+    if meta.fused is not None:
+        return _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
     pool = torch.cat([recv, kv_hm])
     # A pool row is written by at most two segments (a selected block and the causal prefix
     # that overlaps it), and two additions onto zero give the same result in either order, so
@@ -254,3 +300,36 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
         index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
         dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
     return dq.view(q.shape), dpool
+
+
+def _segment_pools(recv, kv_hm, meta: CoreMeta):
+    """The pool, and keys and values of every segment, segment-major ``[rows, D]`` each."""
+    pool = torch.cat([recv, kv_hm])
+    kv_seg = pool[meta.seg_index]
+    return pool, kv_seg[:, 0], kv_seg[:, 1]
+
+
+def _fused_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
+    """The selected part and its LSE merge with the self part in one fused Triton kernel."""
+    from .kernels.triton_moba import selected_attn_fwd
+
+    f = meta.fused
+    _, k_seg, v_seg = _segment_pools(recv, kv_hm, meta)
+    return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
+                             self_out=out, self_lse=lse, out_dtype=q.dtype)
+
+
+def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
+    """Backward of :func:`_fused_forward`'s selected part: ``dq`` (accumulation dtype) plus
+    ``dpool`` as in :func:`_selected_backward`."""
+    from .kernels.triton_moba import selected_attn_bwd
+
+    f = meta.fused
+    pool, k_seg, v_seg = _segment_pools(recv, kv_hm, meta)
+    dq_sel, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
+                                       out, lse, meta.softmax_scale, grad_start=f.seg_start,
+                                       grad_rows=f.rows)
+    # As in _selected_backward: a pool row belongs to at most two segments.
+    dpool = torch.zeros_like(pool)
+    dpool.index_put_((meta.seg_index,), torch.stack([dk, dv], 1).to(pool.dtype), accumulate=True)
+    return dq.to(dq_sel.dtype) + dq_sel, dpool

@@ -33,6 +33,7 @@ class MoBAStats:
     allgather_kv_pairs: int = 0  # (block, kv head) items an all-gather of K and V would bring
     allgather_kv_bytes: int = 0
     selected_blocks_per_query: float = 0.0  # mean over (query, head), current block included
+    selected_kernel: str = ""  # "triton" (fused kernel) or "varlen" (backend) for the selected part
     host_syncs: int = 0  # device-to-host reads this call waited for (see moba_dist/device.py)
     # [n, Hq, topk - 1] int64 past blocks chosen by each local (query, head), global block ids
     # sorted ascending, -1 (fewer past blocks than slots) first; only with

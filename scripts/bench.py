@@ -160,6 +160,7 @@ def meta(a, world, dev):
                                                  stderr=subprocess.DEVNULL).strip()
     except Exception:
         info["commit"] = "unknown"
+    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MOBA_DIST_")}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda

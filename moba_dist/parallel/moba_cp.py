@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import record_function
 
-from ..core import CoreMeta, KVFetch, MoBACore, sel_batches
+from ..core import CoreMeta, FusedSel, KVFetch, MoBACore, sel_batches, use_fused_selected
 from ..device import to_device, to_host
 from ..gating import (
     GATE_TILE_ELEMS,
@@ -184,13 +184,18 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
         # prefix of the first local block per head. Pairs are sorted the same way; kept for
         # backward as int32 (half the memory of int64).
         num_pairs = int(all_counts[rank, :-1].sum())
-        pair_row = (torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)).to(torch.int32)
-        del key
+        fused = use_fused_selected(dev, q.dtype, chunk)
+        stats.selected_kernel = "triton" if fused else "varlen"
+        if not fused:
+            pair_row = (torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)).to(torch.int32)
+            del key
         seg_counts = all_counts[rank, :-1][need[rank].flatten()]
+        n_sel_seg = seg_counts.numel()
         seg_len = fp.seg_len
         if lp.prefix_len:
             first_part = int(lp.part_len[0])
-            pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
+            if not fused:
+                pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
             seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
             seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
         # Largest segments first: a varlen kernel's grid spans every segment of a call at the
@@ -203,17 +208,36 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
         seg_index = seg_index[expand_ranges(row_start[order], seg_len[order])]
         pair_start = torch.cumsum(seg_counts, 0) - seg_counts
         seg_counts, seg_len = seg_counts[order], seg_len[order]
-        batches = sel_batches(seg_counts, seg_len, pair_batch_size())
-        host = [fp.send_index, seg_index, pair_start[order], seg_counts]
-        host += [t for b in batches for t in (b.cu_q, b.cu_k)]
-        send_index, seg_index, pair_start, counts_dev, *cus = to_device(host, dev)
-        pair_row = pair_row[expand_ranges(pair_start, counts_dev, pair_row.numel())]
-        batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
-                   for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
+        if fused:
+            batches = []
+            # Segment of each (kv head, block) key, numbered in the final (ordered) segment order.
+            rank_of = torch.empty_like(order)
+            rank_of[order] = torch.arange(order.numel())
+            lut = torch.full((hkv * nblk + 1,), -1, dtype=torch.int32)
+            lut[need[rank].flatten().nonzero()[:, 0]] = rank_of[:n_sel_seg].to(torch.int32)
+            host = [fp.send_index, seg_index, torch.cumsum(seg_len, 0) - seg_len, seg_len, lut,
+                    rank_of[n_sel_seg:].to(torch.int32)]
+            send_index, seg_index, seg_start, seg_len_dev, lut, prefix_seg = to_device(host, dev)
+            sel_seg = lut[key].view(n, hq, kk).to(torch.int32)
+            del key
+            if lp.prefix_len:  # the first local part's queries also read their block's prefix
+                extra = torch.full((n, hq, 1), -1, dtype=torch.int32, device=dev)
+                extra[:first_part, :, 0] = prefix_seg[head_group.view(-1)]
+                sel_seg = torch.cat([sel_seg, extra], -1)
+            fused = FusedSel(sel_seg, seg_start, seg_len_dev.to(torch.int32), seg_index.numel(), chunk)
+        else:
+            batches = sel_batches(seg_counts, seg_len, pair_batch_size())
+            host = [fp.send_index, seg_index, pair_start[order], seg_counts]
+            host += [t for b in batches for t in (b.cu_q, b.cu_k)]
+            send_index, seg_index, pair_start, counts_dev, *cus = to_device(host, dev)
+            pair_row = pair_row[expand_ranges(pair_start, counts_dev, pair_row.numel())]
+            batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
+                       for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
+            fused = None
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
-            pair_row=pair_row,
+            pair_row=None if fused else pair_row,
             seg_index=seg_index,
             sel_batches=batches,
             max_k_sel=chunk,
@@ -221,6 +245,7 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
             softmax_scale=softmax_scale,
             backend=get_backend(dev, q.dtype, d, backend),
             keep_fetched=keep_fetched,
+            fused=fused,
         )
     out = MoBACore.apply(q, k, v, meta)
 

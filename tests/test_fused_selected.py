@@ -1,0 +1,138 @@
+"""The selected part in the fused Triton kernel (``MOBA_DIST_SELECTED_KERNEL=triton``), wired
+through the whole pipeline: single device and context-parallel (gloo), float32 in Triton's CPU
+interpreter, against the float64 dense reference."""
+
+import os
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from helpers import make_cu
+
+from moba_dist import last_stats, moba_attn_varlen, moba_attn_varlen_cp
+from moba_dist.core import SELECTED_ENV, use_fused_selected
+from moba_dist.reference import masked_attention, moba_attn_varlen_reference
+
+pytest.importorskip("triton")
+
+# (lengths of sequences, slice lengths per rank, chunk, topk, hq, hkv)
+CASES = [
+    ([40, 24], [64], 8, 3, 4, 2),
+    ([30, 34], [32, 32], 4, 2, 4, 4),  # a sequence crosses the boundary
+    ([10, 23, 27], [13, 1, 46], 4, 3, 2, 1),  # a one-token slice inside a block
+    ([50, 14], [16, 16, 16, 16], 20, 2, 4, 2),  # chunk larger than a slice
+    ([9, 0, 40, 15], [20, 25, 19], 5, 4, 8, 2),  # an empty sequence, GQA 4:1
+]
+TOL = 2e-5  # float32 kernels against the float64 reference
+
+
+def _inputs(lengths, chunk, topk, hq, hkv):
+    cu = make_cu(lengths)
+    total = int(cu[-1])
+    g = torch.Generator().manual_seed(total * 7 + chunk)
+    q, k, v, go = (torch.randn(total, h, 8, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = moba_attn_varlen_reference(*full, cu, chunk, topk)
+    ref.backward(go)
+    return cu, q, k, v, go, ref, [t.grad for t in full]
+
+
+
+def _check(tag, out, grads, ref, ref_grads, a, b):
+    for name, got, want in [("out", out, ref[a:b])] + [
+            (n, g, w[a:b]) for n, g, w in zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+        assert err <= TOL, f"{tag}: {name} max abs error {err}"
+
+
+def check_cases(rank, world, cases):
+    os.environ[SELECTED_ENV] = "triton"
+    for lengths, slices, chunk, topk, hq, hkv in cases:
+        if len(slices) != world:
+            continue
+        cu, q, k, v, go, ref, ref_grads = _inputs(lengths, chunk, topk, hq, hkv)
+        a = sum(slices[:rank])
+        b = a + slices[rank]
+        local = [t[a:b].float().requires_grad_() for t in (q, k, v)]
+        if world > 1:
+            out = moba_attn_varlen_cp(*local, cu, chunk, topk)
+        else:
+            out = moba_attn_varlen(*local, cu, max(lengths), chunk, topk)
+        assert last_stats().selected_kernel == "triton"
+        out.backward(go[a:b].float())
+        _check(f"rank {rank} case {lengths} {slices}", out, [t.grad for t in local], ref, ref_grads, a, b)
+
+
+def test_fused_single_device():
+    check_cases(0, 1, CASES)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_context_parallel(world):
+    run_distributed(check_cases, world, CASES)
+
+
+def test_fused_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(SELECTED_ENV, "auto")
+    assert not use_fused_selected(cpu, torch.float32, 128)  # auto: CUDA only
+    monkeypatch.setenv(SELECTED_ENV, "varlen")
+    assert not use_fused_selected(cpu, torch.float32, 128)
+    monkeypatch.setenv(SELECTED_ENV, "triton")
+    assert use_fused_selected(cpu, torch.float32, 128)
+    with pytest.raises(ValueError, match="float64"):
+        use_fused_selected(cpu, torch.float64, 128)
+    monkeypatch.setenv(SELECTED_ENV, "fast")
+    with pytest.raises(ValueError, match=SELECTED_ENV):
+        use_fused_selected(cpu, torch.float32, 128)
+
+
+def masked_reference(q, k, v, cu, chunk, selection):
+    """float64 attention over each query's own block (causal) plus the blocks ``selection``
+    ``[T, Hq, S]`` (global block ids, -1 none) names: checks the attention given a selection."""
+    outs = []
+    first = 0
+    bounds = cu.tolist()
+    for s_, e in zip(bounds[:-1], bounds[1:]):
+        length = e - s_
+        nb = -(-length // chunk)
+        if not length:
+            continue
+        sel = selection[s_:e].long() - first  # block ids within the sequence, <0: none
+        chosen = torch.zeros(q.shape[1], length, nb + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, torch.where(sel >= 0, sel, nb).permute(1, 0, 2), True)
+        kblock = torch.arange(length, device=q.device) // chunk
+        own = kblock[:, None] == kblock[None, :]
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        mask = (chosen[:, :, kblock] | own[None]) & causal[None]
+        outs.append(masked_attention(q[s_:e], k[s_:e], v[s_:e], mask))
+        first += nb
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,topk", [(64, 4), (128, 8)])
+def test_fused_gpu_bf16_against_float64_and_deterministic(monkeypatch, chunk, topk):
+    monkeypatch.setenv(SELECTED_ENV, "triton")
+    monkeypatch.setenv("MOBA_DIST_RECORD_SELECTION", "1")
+    lengths = [1500, 2596]
+    cu = make_cu(lengths).cuda()
+    g = torch.Generator().manual_seed(chunk)
+    q, k, v, go = (torch.randn(4096, h, 128, generator=g).to("cuda", torch.bfloat16) for h in (16, 4, 4, 16))
+    runs = []
+    for _ in range(2):
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = moba_attn_varlen(*local, cu, max(lengths), chunk, topk)
+        stats = last_stats()
+        assert stats.selected_kernel == "triton"
+        out.backward(go)
+        runs.append([out] + [t.grad for t in local])
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "two runs differ"
+    # The reference attends over the blocks the gate chose (the gate is tested on its own:
+    # a float64 gate could break near-ties differently from the bf16 call's float32 one).
+    full = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = masked_reference(*full, cu, chunk, stats.selection)
+    ref.backward(go.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), runs[0], [ref] + [t.grad for t in full]):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 3e-2 * max(1.0, want.abs().max().item()), f"{name}: max abs error {err}"
