@@ -68,6 +68,9 @@ class SelConfig:
     max_partial_bytes: int = 4 << 30
 
 
+DEFAULT_CONFIG = SelConfig()  # what the pipeline uses (scripts/tune_triton_moba.py measures others)
+
+
 @dataclass(frozen=True)
 class PairPlan:
     """Pairs of one window of queries grouped by segment (device tensors; ``max_tiles`` host).
@@ -359,6 +362,28 @@ def _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_row0, k_len, j0, stride_k, s
 
 
 @triton.jit
+def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, dq_ptr, rows, S: tl.constexpr, P: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``dq`` of ``BLOCK_R`` rows ``i * Hq + h``: the sum of their selected slots' parts, in slot
+    then part order (a fixed order: deterministic). Parts that were never written (unselected
+    slots; key runs ``p`` past a short segment's end) are not read."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rm = r < rows
+    d = tl.arange(0, DP)
+    dm = d < D
+    acc = tl.zeros([BLOCK_R, DP], tl.float32)
+    for s in tl.static_range(S):
+        g = tl.load(sel_ptr + r * S + s, mask=rm, other=-1)
+        live = rm & (g >= 0)
+        g_len = tl.load(seg_len_ptr + g, mask=live, other=0)
+        for p in tl.static_range(P):
+            part = live & (p * BLOCK_N < g_len)
+            acc += tl.load(dq_part_ptr + ((r * S + s) * P + p)[:, None] * D + d[None, :],
+                           mask=part[:, None] & dm[None, :], other=0.0)
+    tl.store(dq_ptr + r[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
+
+
+@triton.jit
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, self_o_ptr, self_lse_ptr, out_ptr, lse_ptr,
     rows, n, row0, stride_so_r,
@@ -462,7 +487,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         row that sees no key).
     """
     _check(q, k_pool, v_pool, seg_start, seg_len, sel, chunk)
-    cfg = _tiles_for(q, config or SelConfig())
+    cfg = _tiles_for(q, config or DEFAULT_CONFIG)
     n, hq, d = q.shape
     slots = sel.shape[-1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
@@ -536,7 +561,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
     accumulated by one program (key runs of one segment), windows in launch order.
     """
     _check(q, k_pool, v_pool, seg_start, seg_len, sel, chunk)
-    cfg = _tiles_for(q, config or SelConfig())
+    cfg = _tiles_for(q, config or DEFAULT_CONFIG)
     n, hq, d = q.shape
     slots = sel.shape[-1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
@@ -549,12 +574,12 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
     elif grad_rows is None:
         raise ValueError("grad_rows: required with grad_start")
     grad_start = grad_start.to(torch.int64).contiguous()
-    dq = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
+    dq = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(grad_rows, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(grad_rows, d, dtype=torch.float32, device=q.device)
     nseg = seg_start.numel()
     if n == 0 or slots == 0 or nseg == 0:
-        return dq, dk, dv
+        return dq.zero_(), dk, dv
     # delta = rowsum(dO * O) of the final output, as in FlashAttention's backward.
     delta = (dout.float() * out.float()).sum(-1).t().contiguous()
     lse = lse.float().contiguous()
@@ -567,7 +592,8 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
     dp = max(16, _next_pow2(d))
     for a, b in _windows(n, hq, slots * parts, d, 4, cfg.max_partial_bytes):
         m = b - a
-        dq_part = torch.zeros(m * hq * slots * parts, d, dtype=torch.float32, device=q.device)
+        # Parts of unselected slots are never written, and never read (see _dq_sum_kernel).
+        dq_part = torch.empty(m * hq * slots * parts, d, dtype=torch.float32, device=q.device)
         qw, dow = q[a:b], dout[a:b]
         lse_w, delta_w = lse[:, a:b].contiguous(), delta[:, a:b].contiguous()
         plan = plan_pairs(sel[a:b], nseg, cfg.bwd_block_m)
@@ -592,5 +618,10 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                 IEEE=q.dtype == torch.float32, WHILE_LOOPS=q.device.type == "cpu",
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        dq[a:b] = dq_part.view(m, hq, slots * parts, d).sum(2)
+        sel_w = sel[a:b]
+        sel_w = sel_w if sel_w.is_contiguous() else sel_w.contiguous()
+        block_r = 16
+        _dq_sum_kernel[(triton.cdiv(m * hq, block_r),)](
+            dq_part, sel_w, seg_len, dq[a:b], m * hq, S=slots, P=parts, D=d, DP=dp,
+            BLOCK_N=block_n if fused_dq else chunk, BLOCK_R=block_r, num_warps=4)
     return dq, dk, dv
