@@ -79,7 +79,8 @@ def main():
             first = res
         diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(res, first))
         row = dict(config=name, fwd_ms=round(statistics.median(fwd), 1),
-                   bwd_ms=round(statistics.median(bwd), 1), peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2), max_diff=diff,
+                   bwd_ms=round(statistics.median(bwd), 1),
+                   peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2), max_diff=diff,
                    **CONFIGS[name])
         row["total_ms"] = round(row["fwd_ms"] + row["bwd_ms"], 1)
         print(json.dumps(row), flush=True)
