@@ -22,17 +22,17 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moba_dist import moba_attn_varlen  # noqa: E402
 from moba_dist.kernels import triton_moba as tm  # noqa: E402
 
-CONFIGS = {
+CONFIGS = {  # changes from SelConfig's defaults
     "default": {},
-    "f128x64w8": dict(block_m=128, block_n=64, num_warps=8),
-    "f64x128": dict(block_m=64, block_n=128, num_warps=4),
-    "f128x128w8": dict(block_m=128, block_n=128, num_warps=8),
-    "f64s3": dict(num_stages=3),
-    "b32x128": dict(bwd_block_m=32, bwd_block_n=128, bwd_num_warps=8),
-    "b64x128": dict(bwd_block_m=64, bwd_block_n=128, bwd_num_warps=8),
-    "b128x64": dict(bwd_block_m=128, bwd_block_n=64, bwd_num_warps=8),
-    "b64x64w4": dict(bwd_num_warps=4),
-    "win8g": dict(max_partial_bytes=8 << 30),
+    "b32x128w4": dict(bwd_num_warps=4),
+    "b16x128": dict(bwd_block_m=16),
+    "b64x128": dict(bwd_block_m=64),
+    "b32x64": dict(bwd_block_n=64),
+    "win4g": dict(max_partial_bytes=4 << 30),
+    "win12g": dict(max_partial_bytes=12 << 30),
+    "f32x128": dict(block_m=32, block_n=128),
+    "f64x64w8": dict(num_warps=8),
+    "f128x64w8s3": dict(block_m=128, num_warps=8, num_stages=3),
 }
 
 

@@ -58,14 +58,14 @@ class SelConfig:
     block_n: int = 64  # keys per inner step
     num_warps: int = 4
     num_stages: int = 2
-    bwd_block_m: int = 64
-    bwd_block_n: int = 64  # keys per backward program (a larger segment is split)
+    bwd_block_m: int = 32
+    bwd_block_n: int = 128  # keys per backward program (a larger segment is split)
     bwd_num_warps: int = 8
     # Segments of at most this many backward key runs get dq from the dk/dv kernel (one dq part
     # per run); longer ones from a separate dq kernel (one part, attention recomputed).
     fused_dq_runs: int = 2
     partial_dtype: torch.dtype = torch.float32
-    max_partial_bytes: int = 4 << 30
+    max_partial_bytes: int = 6 << 30
 
 
 DEFAULT_CONFIG = SelConfig()  # what the pipeline uses (scripts/tune_triton_moba.py measures others)
