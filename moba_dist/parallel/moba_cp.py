@@ -201,39 +201,47 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
         # Largest segments first: a varlen kernel's grid spans every segment of a call at the
         # longest one's length, so batching segments of similar size wastes little of it.
         order = torch.argsort(seg_counts, descending=True, stable=True)
-        seg_index = fp.seg_index
+        rank_of = torch.empty_like(order)
+        rank_of[order] = torch.arange(order.numel())
+        # Pool rows of the segments in that order, as runs (expanded on the device below).
+        piece_seg, piece_start, piece_len = fp.piece_seg, fp.piece_start, fp.piece_len
         if lp.prefix_len:
-            seg_index = torch.cat([seg_index, fp.prefix_index.flatten()])
-        row_start = torch.cumsum(seg_len, 0) - seg_len
-        seg_index = seg_index[expand_ranges(row_start[order], seg_len[order])]
+            runs = fp.prefix_len.numel()
+            piece_seg = torch.cat([piece_seg, (n_sel_seg + torch.arange(hkv)).repeat_interleave(runs)])
+            piece_start = torch.cat([piece_start, fp.prefix_start.flatten()])
+            piece_len = torch.cat([piece_len, fp.prefix_len.repeat(hkv)])
+        by_order = torch.argsort(rank_of[piece_seg], stable=True)
+        runs = [fp.send_start, fp.send_len, piece_start[by_order], piece_len[by_order]]
         pair_start = torch.cumsum(seg_counts, 0) - seg_counts
         seg_counts, seg_len = seg_counts[order], seg_len[order]
+        num_rows = int(seg_len.sum())
         if fused:
             batches = []
             # Segment of each (kv head, block) key, numbered in the final (ordered) segment order.
-            rank_of = torch.empty_like(order)
-            rank_of[order] = torch.arange(order.numel())
             lut = torch.full((hkv * nblk + 1,), -1, dtype=torch.int32)
             lut[need[rank].flatten().nonzero()[:, 0]] = rank_of[:n_sel_seg].to(torch.int32)
-            host = [fp.send_index, seg_index, torch.cumsum(seg_len, 0) - seg_len, seg_len, lut,
-                    rank_of[n_sel_seg:].to(torch.int32)]
-            send_index, seg_index, seg_start, seg_len_dev, lut, prefix_seg = to_device(host, dev)
+            host = runs + [torch.cumsum(seg_len, 0) - seg_len, seg_len, lut,
+                           rank_of[n_sel_seg:].to(torch.int32)]
+            *runs, seg_start, seg_len_dev, lut, prefix_seg = to_device(host, dev)
             sel_seg = lut[key].view(n, hq, kk).to(torch.int32)
             del key
             if lp.prefix_len:  # the first local part's queries also read their block's prefix
                 extra = torch.full((n, hq, 1), -1, dtype=torch.int32, device=dev)
                 extra[:first_part, :, 0] = prefix_seg[head_group.view(-1)]
                 sel_seg = torch.cat([sel_seg, extra], -1)
-            fused = FusedSel(sel_seg, seg_start, seg_len_dev.to(torch.int32), seg_index.numel(), chunk)
+            fused = FusedSel(sel_seg, seg_start, seg_len_dev.to(torch.int32), num_rows, chunk)
         else:
             batches = sel_batches(seg_counts, seg_len, pair_batch_size())
-            host = [fp.send_index, seg_index, pair_start[order], seg_counts]
+            host = runs + [pair_start[order], seg_counts]
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
-            send_index, seg_index, pair_start, counts_dev, *cus = to_device(host, dev)
+            dev_tables = to_device(host, dev)
+            runs, (pair_start, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
             pair_row = pair_row[expand_ranges(pair_start, counts_dev, pair_row.numel())]
             batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
+        send_index = expand_ranges(runs[0], runs[1], sum(fp.send_splits))
+        seg_index = expand_ranges(runs[2], runs[3], num_rows)
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,

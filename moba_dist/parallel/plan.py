@@ -117,21 +117,47 @@ def remote_need(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor,
 
 @dataclass(frozen=True)
 class FetchPlan:
-    """What rank ``rank`` sends, receives, and how it assembles attention segments."""
+    """What rank ``rank`` sends, receives, and how it assembles attention segments.
+
+    Row lists are kept as runs ``(start, length)`` (a few per segment) rather than expanded row
+    by row: the pipeline expands them on the device, so the host neither builds nor uploads a
+    table with one entry per key row. The ``*_index`` properties expand them on the host.
+    """
 
     send_splits: list[int]  # rows to each destination
     recv_splits: list[int]  # rows from each source
-    send_index: torch.Tensor  # [sum(send_splits)] rows of kv_local to send, in order
+    send_start: torch.Tensor  # [runs] local head-major rows to send, in destination order
+    send_len: torch.Tensor
     seg_head: torch.Tensor  # [S] kv head of each past segment, (g, j) order
     seg_block: torch.Tensor  # [S] global block of each past segment
-    seg_index: torch.Tensor  # [sum(seg lens)] pool rows forming the past segments, in order
     seg_len: torch.Tensor  # [S] rows of each past segment (its block length)
-    prefix_index: torch.Tensor  # [Hkv, prefix_len] pool rows of the causal prefix, head-major
+    piece_seg: torch.Tensor  # [pieces] segment of each pool run, by segment then source
+    piece_start: torch.Tensor  # [pieces] first pool row of the run
+    piece_len: torch.Tensor
+    prefix_start: torch.Tensor  # [Hkv, runs] pool runs of the causal prefix, by source
+    prefix_len: torch.Tensor  # [runs] (the same for every head)
     recv_items: int  # (head, block) items received from other ranks
 
     @property
     def recv_rows(self) -> int:
         return sum(self.recv_splits)
+
+    @property
+    def send_index(self) -> torch.Tensor:
+        """``[sum(send_splits)]`` local head-major rows to send, in destination order."""
+        return expand_ranges(self.send_start, self.send_len)
+
+    @property
+    def seg_index(self) -> torch.Tensor:
+        """``[sum(seg_len)]`` pool rows of the past segments, in segment order."""
+        return expand_ranges(self.piece_start, self.piece_len)
+
+    @property
+    def prefix_index(self) -> torch.Tensor:
+        """``[Hkv, prefix length]`` pool rows of the causal prefix, head-major."""
+        hkv = self.prefix_start.shape[0]
+        return torch.stack([expand_ranges(self.prefix_start[g], self.prefix_len) for g in range(hkv)]) \
+            if hkv else torch.zeros(0, 0, dtype=torch.int64)
 
 
 def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, rank: int,
@@ -174,7 +200,6 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
         send_starts.append(s)
         send_lens.append(ln)
         send_splits.append(int(ln.sum()))
-    send_index = expand_ranges(torch.cat(send_starts), torch.cat(send_lens))
 
     # Where each fetched (g, j) item starts in the receive buffer, per source.
     recv_splits, recv_pos, recv_items = [], [], set()
@@ -207,21 +232,21 @@ def fetch_plan(layout: BlockLayout, offsets: torch.Tensor, need: torch.Tensor, r
         piece_seg.append(seg_ids[keep])
         piece_start.append(start[keep])
         piece_len.append(ln[keep])
-    order = torch.argsort(torch.cat(piece_seg), stable=True)  # pieces were appended by source
-    seg_index = expand_ranges(torch.cat(piece_start)[order], torch.cat(piece_len)[order])
+    piece_seg = torch.cat(piece_seg)
+    order = torch.argsort(piece_seg, stable=True)  # pieces were appended by source
 
-    # Causal prefix of the first local block, head-major [Hkv, prefix_len].
+    # Causal prefix of the first local block: per head, one run per earlier source holding it.
     lp = plans[me] if plans is not None else local_plan(layout, offsets, me)
     if lp.prefix_block >= 0:
         jp = lp.prefix_block
-        per_head = []
-        for g in range(hkv):
-            starts = torch.stack([recv_pos[s][g, jp] for s in range(me)])
-            plen = ov[:me, jp]
-            per_head.append(expand_ranges(starts[plen > 0], plen[plen > 0]))
-        prefix_index = torch.stack(per_head)
+        plen = ov[:me, jp]
+        prefix_start = torch.stack([torch.stack([recv_pos[s][g, jp] for s in range(me)])[plen > 0]
+                                    for g in range(hkv)])
+        prefix_len = plen[plen > 0]
     else:
-        prefix_index = torch.zeros(hkv, 0, dtype=torch.int64)
+        prefix_start = torch.zeros(hkv, 0, dtype=torch.int64)
+        prefix_len = torch.zeros(0, dtype=torch.int64)
 
-    return FetchPlan(send_splits, recv_splits, send_index, seg_head, seg_block, seg_index, seg_len,
-                     prefix_index, len(recv_items))
+    return FetchPlan(send_splits, recv_splits, torch.cat(send_starts), torch.cat(send_lens), seg_head,
+                     seg_block, seg_len, piece_seg[order], torch.cat(piece_start)[order],
+                     torch.cat(piece_len)[order], prefix_start, prefix_len, len(recv_items))
