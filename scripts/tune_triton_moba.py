@@ -33,6 +33,11 @@ CONFIGS = {  # changes from SelConfig's defaults
     "f32x128": dict(block_m=32, block_n=128),
     "f64x64w8": dict(num_warps=8),
     "f128x64w8s3": dict(block_m=128, num_warps=8, num_stages=3),
+    "f128x128w8": dict(block_m=128, block_n=128, num_warps=8),
+    "f128x64w8s3+b64x128": dict(block_m=128, num_warps=8, num_stages=3, bwd_block_m=64),
+    "f128x64w8s3+b128x128": dict(block_m=128, num_warps=8, num_stages=3, bwd_block_m=128),
+    "f128x64w8s3+runs64": dict(block_m=128, num_warps=8, num_stages=3, fused_dq_runs=64),
+    "varlen": None,  # the varlen backend instead of the fused kernel, for comparison
 }
 
 
@@ -55,7 +60,8 @@ def main():
     cu = torch.arange(0, total + 1, a.size, dtype=torch.int32, device=dev)
     rows, first = [], None
     for name in a.configs.split(","):
-        tm.DEFAULT_CONFIG = tm.SelConfig(**CONFIGS[name])
+        os.environ["MOBA_DIST_SELECTED_KERNEL"] = "varlen" if CONFIGS[name] is None else "triton"
+        tm.DEFAULT_CONFIG = tm.SelConfig(**(CONFIGS[name] or {}))
         fwd, bwd = [], []
         try:
             for it in range(a.iters + 1):
@@ -81,7 +87,7 @@ def main():
         row = dict(config=name, fwd_ms=round(statistics.median(fwd), 1),
                    bwd_ms=round(statistics.median(bwd), 1),
                    peak_gib=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2), max_diff=diff,
-                   **CONFIGS[name])
+                   **(CONFIGS[name] or {}))
         row["total_ms"] = round(row["fwd_ms"] + row["bwd_ms"], 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
