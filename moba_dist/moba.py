@@ -57,14 +57,20 @@ def moba_attn_varlen(
             dtypes the device or backend cannot run, ``cu_seqlens``, chunk/top-k, scale, an
             unknown or missing backend).
 
-    Memory: besides inputs and output, peak extra memory is about
-    ``min(T * Hq * (topk - 1), P) * D`` elements for the gathered (query, head) rows of the
-    selected part and their partial outputs, where ``P`` is ``$MOBA_DIST_PAIR_BATCH`` (default
-    2**23 rows; backward holds about three such buffers), plus ``T * Hq * D`` float32 for the
-    running merge, ``2 * T * Hkv * D`` for head-major K/V, ``T * Hq * (topk - 1)`` int64 for the
-    selection and one gating tile of ``moba_dist.gating.GATE_TILE_ELEMS`` scores (x3 for its
-    int64 keys). Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over
-    memory-bounded tiles and batches.
+    Selected part: on CUDA with bf16/fp16 and ``moba_chunk_size <= 512`` it runs in the fused
+    Triton kernel (``kernels/triton_moba.py``: no gathers, LSE merge fused); otherwise in the
+    varlen backend on gathered (query, head) rows. ``$MOBA_DIST_SELECTED_KERNEL`` (``auto``,
+    ``triton``, ``varlen``) overrides the choice; ``last_stats().selected_kernel`` says which ran.
+
+    Memory: besides inputs and output, peak extra memory is ``2 * T * Hkv * D`` for head-major
+    K/V and their segment-major copy, the selection (``T * Hq * (topk - 1)`` ints), one gating
+    tile of ``moba_dist.gating.GATE_TILE_ELEMS`` scores (x3 for its int64 keys) and: with the
+    fused kernel, float32 partial results of at most ``SelConfig.max_partial_bytes`` (6 GiB) at
+    a time; with the varlen backend, ``min(T * Hq * (topk - 1), P) * D`` elements for the gathered
+    rows and their partial outputs, where ``P`` is ``$MOBA_DIST_PAIR_BATCH`` (default 2**21 rows;
+    backward holds about three such buffers), plus ``T * Hq * D`` float32 for the running merge.
+    Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over memory-bounded
+    tiles and batches.
 
     Host syncs: ``cu_seqlens`` is read on the host once, and the per-(head, block) selection
     counts once, to size the varlen kernels.

@@ -53,8 +53,10 @@ RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds t
 
 
 def pair_batch_size() -> int:
-    """(query, head) rows of the selected part gathered at once; ``$MOBA_DIST_PAIR_BATCH``."""
-    return int(os.environ.get("MOBA_DIST_PAIR_BATCH", 1 << 23))
+    """(query, head) rows of the selected part gathered at once; ``$MOBA_DIST_PAIR_BATCH``.
+    The default, 2**21, measured as fast as 2**23 (chunk 4096 top-k 12, 256K tokens, one H200:
+    1003 ms against 986) at 18.2 GiB peak instead of 31.3."""
+    return int(os.environ.get("MOBA_DIST_PAIR_BATCH", 1 << 21))
 
 
 def keep_fetched_default() -> bool:
