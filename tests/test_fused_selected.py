@@ -141,3 +141,32 @@ def test_fused_gpu_bf16_against_float64_and_deterministic(monkeypatch, chunk, to
     for name, got, want in zip(("out", "dq", "dk", "dv"), runs[0], [ref] + [t.grad for t in full]):
         err = (got.double() - want).abs().max().item()
         assert err <= 3e-2 * max(1.0, want.abs().max().item()), f"{name}: max abs error {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,chunk", [("triton", 128), ("varlen", 128), ("varlen", 1024)])
+def test_gpu_host_syncs_are_the_counted_ones(monkeypatch, kernel, chunk):
+    """Every device-to-host wait of a forward and backward, seen by CUDA's sync debug mode,
+    is one that ``last_stats().host_syncs`` counts (the documented two)."""
+    import warnings
+
+    monkeypatch.setenv(SELECTED_ENV, kernel)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8192, h, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+               for h in (16, 4, 4))
+    cu = torch.tensor([0, 3000, 8192], dtype=torch.int32, device="cuda")
+    moba_attn_varlen(q, k, v, cu, 5192, chunk, 4).sum().backward()  # warm-up: plan cache, compiles
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = moba_attn_varlen(q, k, v, cu, 5192, chunk, 4)
+            stats = last_stats()
+            out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert stats.selected_kernel == kernel
+    assert stats.host_syncs == 2
+    assert len(syncs) == stats.host_syncs, [f"{w.filename}:{w.lineno}" for w in syncs]

@@ -93,7 +93,9 @@ def plan_pairs(sel: torch.Tensor, num_segments: int, block_m: int) -> PairPlan:
     """Group the pairs of ``sel [m, Hq, S]`` by segment (a stable device sort and a count)."""
     key = torch.where(sel >= 0, sel, num_segments).flatten().to(torch.int32)
     order = torch.argsort(key, stable=True).to(torch.int32)
-    counts = torch.bincount(key, minlength=num_segments + 1)[:num_segments]
+    # A scatter, not bincount: bincount sizes its output from the data (a host sync on CUDA).
+    counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=sel.device)
+    counts = counts.scatter_add_(0, key.long(), torch.ones_like(key, dtype=torch.int64))[:num_segments]
     zero = counts.new_zeros(1)
     seg_pairs = torch.cat([zero, torch.cumsum(counts, 0)]).to(torch.int32)
     tiles = (counts + block_m - 1) // block_m
