@@ -157,15 +157,15 @@ def test_gpu_host_syncs_are_the_counted_ones(monkeypatch, kernel, chunk):
     cu = torch.tensor([0, 3000, 8192], dtype=torch.int32, device="cuda")
     moba_attn_varlen(q, k, v, cu, 5192, chunk, 4).sum().backward()  # warm-up: plan cache, compiles
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    torch.cuda.set_sync_debug_mode("warn")  # outside the recording: it may warn about itself
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             out = moba_attn_varlen(q, k, v, cu, 5192, chunk, 4)
             stats = last_stats()
             out.backward(torch.ones_like(out))
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
     assert stats.selected_kernel == kernel
     assert stats.host_syncs == 2
