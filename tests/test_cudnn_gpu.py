@@ -9,7 +9,7 @@ import torch
 from helpers import segment_attention_reference as reference
 
 from moba_dist.kernels import merge_lse
-from moba_dist.kernels.cudnn_backend import CudnnBackend
+from moba_dist.kernels.cudnn_backend import GQA_BWD_ENV, CudnnBackend
 
 pytestmark = pytest.mark.gpu
 
@@ -113,7 +113,8 @@ def test_backward_with_merged_lse(be):
     assert_close_rel(dv, rv, 2e-2, "dv")
 
 
-def test_graph_cache_steady_state_and_no_host_sync():
+def test_graph_cache_steady_state_and_no_host_sync(monkeypatch):
+    monkeypatch.setenv(GQA_BWD_ENV, "cudnn")  # build the GQA backward graph too (default: FA2)
     b = CudnnBackend(fallback=False)
     if not b.supports(torch.device("cuda"), torch.bfloat16, 128):
         pytest.skip(f"cuDNN backend unavailable here ({b.import_error})")
