@@ -75,8 +75,9 @@ class KVFetch:
         start = 0
         for count in self.send_splits:
             if count:
+                # A source sends each row at most once: gather, add, scatter (no atomics).
                 rows = self.send_index[start:start + count]
-                dkv_hm.index_add_(0, rows, back[start:start + count].to(dkv_hm.dtype))
+                dkv_hm[rows] = dkv_hm[rows] + back[start:start + count].to(dkv_hm.dtype)
             start += count
 
 
@@ -143,6 +144,7 @@ class CoreMeta:
     backend: AttnBackend
     keep_fetched: bool
     fused: FusedSel | None = None  # set: the selected part runs in the fused Triton kernel
+    overlaps: bool = True  # some pool row is in two segments (a causal prefix overlaps a block)
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, max_pairs: int) -> list[SelBatch]:
@@ -282,7 +284,7 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     pool = torch.cat([recv, kv_hm])
     # A pool row is written by at most two segments (a selected block and the causal prefix
     # that overlaps it), and two additions onto zero give the same result in either order, so
-    # the accumulating write below is deterministic.
+    # the accumulating write below is deterministic; without a prefix it is a plain scatter.
     dpool = torch.zeros_like(pool)
     if not meta.sel_batches:
         return dq, dpool
@@ -298,7 +300,7 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
             lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
             meta.softmax_scale, False)
         index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
-        dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
+        dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=meta.overlaps)
     return dq.view(q.shape), dpool
 
 
@@ -329,7 +331,8 @@ def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     dq_sel, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
                                        out, lse, meta.softmax_scale, grad_start=f.seg_start,
                                        grad_rows=f.rows)
-    # As in _selected_backward: a pool row belongs to at most two segments.
+    # As in _selected_backward: a pool row belongs to at most two segments, and to two only
+    # when a causal-prefix segment overlaps a selected block; otherwise a plain scatter.
     dpool = torch.zeros_like(pool)
-    dpool.index_put_((meta.seg_index,), torch.stack([dk, dv], 1).to(pool.dtype), accumulate=True)
+    dpool.index_put_((meta.seg_index,), torch.stack([dk, dv], 1).to(pool.dtype), accumulate=meta.overlaps)
     return dq.to(dq_sel.dtype) + dq_sel, dpool

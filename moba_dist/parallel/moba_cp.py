@@ -256,6 +256,7 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
             backend=get_backend(dev, q.dtype, d, backend),
             keep_fetched=keep_fetched,
             fused=fused,
+            overlaps=bool(lp.prefix_len),
         )
     out = MoBACore.apply(q, k, v, meta)
 
