@@ -33,8 +33,9 @@ exclusive cumsum of ``seg_len``); a caller whose segments are disjoint may pass
 Pairs are processed in windows of consecutive queries so the partial buffers stay within
 ``max_partial_bytes``.
 
-Status: tested against dense references in Triton's CPU interpreter only, not yet run on a GPU and
-not yet wired into ``core.py`` (which runs the selected part through the varlen backends).
+Use: ``core.py`` runs MoBA's selected part here for chunk <= 512 on CUDA (bf16/fp16; see
+``core.use_fused_selected``). Tested against dense float64 references in Triton's CPU interpreter
+(CI) and on GPU (``-m gpu``); launch parameters measured with ``scripts/tune_triton_moba.py``.
 """
 
 from __future__ import annotations
