@@ -7,7 +7,9 @@ Per direction, two groups of kernel calls:
   * *selected part*: (query, head) pairs gathered into one row each and grouped by the key
     segment they read: a selected past (kv head, block), or the causal prefix of the first local
     block that lives on earlier ranks (all of it precedes every query that reads it, so it is
-    not causal). One varlen segment per key segment.
+    not causal). Either one fused Triton kernel over all of them with the LSE merge built in
+    (``FusedSel``, small blocks on CUDA), or one varlen segment per key segment on gathered
+    rows (``SelBatch``, the other cases).
 
 The two are merged by log-sum-exp. The self part needs nothing from other ranks, so it runs
 while the all-to-all of the selected rows is in flight, in forward and in backward.
