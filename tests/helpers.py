@@ -87,3 +87,18 @@ def segment_attention_reference(q, k, v, lq, lk, scale, causal):
 
 __all__ = ["make_cu", "rand_qkv", "gate_margin", "assert_close", "moba_selection_reference",
            "segment_attention_reference"]
+
+
+def moba_case(lengths, chunk, topk, hq, hkv, d=8):
+    """float64 inputs of one packed case and the dense reference's output and gradients:
+    ``(cu, q, k, v, go, ref, [dq, dk, dv])``, seeded by the case."""
+    from moba_dist.reference import moba_attn_varlen_reference
+
+    cu = make_cu(lengths)
+    total = int(cu[-1])
+    g = torch.Generator().manual_seed(total * 7 + chunk)
+    q, k, v, go = (torch.randn(total, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = moba_attn_varlen_reference(*full, cu, chunk, topk)
+    ref.backward(go)
+    return cu, q, k, v, go, ref, [t.grad for t in full]

@@ -3,10 +3,9 @@ single-device function, plus traffic accounting."""
 
 import torch
 from dist_utils import run_distributed
-from helpers import make_cu
+from helpers import moba_case
 
 from moba_dist import last_stats, moba_attn_varlen, moba_attn_varlen_cp
-from moba_dist.reference import moba_attn_varlen_reference
 
 # (lengths of sequences, slice lengths per rank, chunk, topk, hq, hkv)
 CASES = [
@@ -26,13 +25,7 @@ def check_cases(rank, world, cases):
     for lengths, slices, chunk, topk, hq, hkv in cases:
         if len(slices) != world:
             continue
-        cu = make_cu(lengths)
-        total = int(cu[-1])
-        g = torch.Generator().manual_seed(total * 7 + chunk)
-        q, k, v, go = (torch.randn(total, h, 8, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
-        full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = moba_attn_varlen_reference(*full, cu, chunk, topk)
-        ref.backward(go)
+        cu, q, k, v, go, ref, (dq, dk, dv) = moba_case(lengths, chunk, topk, hq, hkv)
         single = moba_attn_varlen(q, k, v, cu, max(lengths), chunk, topk)
 
         a = sum(slices[:rank])
@@ -42,9 +35,9 @@ def check_cases(rank, world, cases):
         out.backward(go[a:b])
         tag = f"rank {rank} case {lengths} {slices} chunk={chunk} topk={topk}"
         for name, got, want in [("out", out, ref[a:b]), ("single", out, single[a:b]),
-                                ("dq", local[0].grad, full[0].grad[a:b]),
-                                ("dk", local[1].grad, full[1].grad[a:b]),
-                                ("dv", local[2].grad, full[2].grad[a:b])]:
+                                ("dq", local[0].grad, dq[a:b]),
+                                ("dk", local[1].grad, dk[a:b]),
+                                ("dv", local[2].grad, dv[a:b])]:
             err = (got - want).abs().max().item() if got.numel() else 0.0
             assert err <= 1e-10, f"{tag}: {name} max abs error {err}"
         st = last_stats()

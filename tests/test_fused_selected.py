@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 from dist_utils import run_distributed
-from helpers import make_cu
+from helpers import make_cu, moba_case
 
 from moba_dist import last_stats, moba_attn_varlen, moba_attn_varlen_cp
 from moba_dist.core import SELECTED_ENV, use_fused_selected
-from moba_dist.reference import masked_attention, moba_attn_varlen_reference
+from moba_dist.reference import masked_attention
 
 pytest.importorskip("triton")
 
@@ -26,18 +26,6 @@ CASES = [
 TOL = 2e-5  # float32 kernels against the float64 reference
 
 
-def _inputs(lengths, chunk, topk, hq, hkv):
-    cu = make_cu(lengths)
-    total = int(cu[-1])
-    g = torch.Generator().manual_seed(total * 7 + chunk)
-    q, k, v, go = (torch.randn(total, h, 8, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = moba_attn_varlen_reference(*full, cu, chunk, topk)
-    ref.backward(go)
-    return cu, q, k, v, go, ref, [t.grad for t in full]
-
-
-
 def _check(tag, out, grads, ref, ref_grads, a, b):
     for name, got, want in [("out", out, ref[a:b])] + [
             (n, g, w[a:b]) for n, g, w in zip(("dq", "dk", "dv"), grads, ref_grads)]:
@@ -49,7 +37,7 @@ def check_cases(rank, world, cases):
     for lengths, slices, chunk, topk, hq, hkv in cases:
         if len(slices) != world:
             continue
-        cu, q, k, v, go, ref, ref_grads = _inputs(lengths, chunk, topk, hq, hkv)
+        cu, q, k, v, go, ref, ref_grads = moba_case(lengths, chunk, topk, hq, hkv)
         a = sum(slices[:rank])
         b = a + slices[rank]
         local = [t[a:b].float().requires_grad_() for t in (q, k, v)]
