@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", default=None, help="write checkpoints here (torch.distributed.checkpoint)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    p.add_argument("--memory-snapshot", default=None, metavar="PATH",
+                   help="CUDA: record allocations during the last step, dump the snapshot to PATH "
+                        "(torch.cuda.memory._dump_snapshot format) and PATH.md (live at the peak, by site)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this launch after step N (checkpointed) of the --steps schedule; --resume later")
     task = p.add_argument_group("task")
@@ -366,6 +369,22 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def write_memory_snapshot(path: str, base_bytes: int, rank: int) -> None:
+    """Dump the recorded allocator history of this step (see ``scripts/memory_profile.py``)."""
+    import pickle
+
+    from memory_profile import peak_report
+
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    snap["base_bytes"] = base_bytes
+    path = path if rank == 0 else f"{path}.rank{rank}"
+    with open(path, "wb") as f:
+        pickle.dump(snap, f)
+    with open(path + ".md", "w") as f:
+        f.write(peak_report(snap, base_bytes, top=25) + "\n")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -408,8 +427,14 @@ def main(argv=None) -> dict:
     for step in range(start, end):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        snap = args.memory_snapshot and device.type == "cuda" and step == end - 1
+        if snap:
+            snap_base = torch.cuda.memory_allocated(device)
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000)
         t0 = time.perf_counter()
         loss = run.train_step(step)  # ends with a loss all-reduce: a sync point
+        if snap:
+            write_memory_snapshot(args.memory_snapshot, snap_base, run.rank)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -462,6 +487,8 @@ def main(argv=None) -> dict:
             json.dump(summary, f, indent=1)
         print(f"[train] held-out retrieval accuracy {row['eval_acc']:.3f} (chance {task.chance:.3f}); "
               f"curves in {os.path.join(args.out_dir, 'train_curves.png')}", flush=True)
+        print(f"[train] peak memory per rank {peaks} GiB ({summary['peak_mem_kind']}), median step "
+              f"{summary['step_time_s']} s", flush=True)
         print(json.dumps(summary), flush=True)
     dist.destroy_process_group()
     return summary
