@@ -25,7 +25,7 @@ gradients for each key set (see ``kernels/base.py``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.profiler import record_function
@@ -58,6 +58,7 @@ class KVFetch:
     send_index: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
+    wire_dtype: torch.dtype = torch.bfloat16  # K/V dtype: what gradients travel back in
 
     def start(self, kv_hm: torch.Tensor, name: str = "kv_fetch"):
         """Post the fetch of rows from ``kv_hm [Hkv * n, 2, D]``; returns a handle to ``wait()``."""
@@ -66,21 +67,29 @@ class KVFetch:
         return self.comm.start_all_to_all(kv_hm[self.send_index], self.send_splits,
                                           self.recv_splits, name)
 
-    def return_grads(self, dkv_recv: torch.Tensor, dkv_hm: torch.Tensor) -> None:
-        """Send gradients of the received rows back and add them to their owner's rows of
-        ``dkv_hm`` (accumulation dtype). A row that several ranks fetched gets their
-        contributions in source order, one index_add per source, so the sum is deterministic."""
+    def return_grads(self, dk_recv: torch.Tensor, dv_recv: torch.Tensor, dk_loc: torch.Tensor,
+                     dv_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Send the gradients of the received rows (``[R, D]`` each) back and add what comes back
+        to the owner's head-major rows ``dk_loc, dv_loc [Hkv * n, D]``; returns those (in the
+        accumulation dtype when anything came back). A row that several ranks fetched gets their
+        contributions in source order, so the sum is deterministic."""
         if self.comm is None:
-            return
-        back = self.comm.start_all_to_all(dkv_recv, self.recv_splits, self.send_splits,
-                                          "kv_fetch.backward").wait()
+            return dk_loc, dv_loc
+        back = self.comm.start_all_to_all(torch.stack([dk_recv, dv_recv], 1).to(self.wire_dtype),
+                                          self.recv_splits, self.send_splits, "kv_fetch.backward").wait()
+        if not sum(self.send_splits):
+            return dk_loc, dv_loc
+        acc = accum_dtype(self.wire_dtype)
+        dk_loc, dv_loc = dk_loc.to(acc), dv_loc.to(acc)
         start = 0
         for count in self.send_splits:
             if count:
                 # A source sends each row at most once: gather, add, scatter (no atomics).
                 rows = self.send_index[start:start + count]
-                dkv_hm[rows] = dkv_hm[rows] + back[start:start + count].to(dkv_hm.dtype)
+                dk_loc[rows] = dk_loc[rows] + back[start:start + count, 0].to(acc)
+                dv_loc[rows] = dv_loc[rows] + back[start:start + count, 1].to(acc)
             start += count
+        return dk_loc, dv_loc
 
 
 class _Ready:
@@ -125,10 +134,12 @@ class FusedSel:
     K/V that ``CoreMeta.seg_index`` gathers from the pool."""
 
     sel: torch.Tensor  # int32 [n, Hq, S]: segment read by (query, head, slot), -1 for none
-    seg_start: torch.Tensor  # int64 [segments]
+    seg_start: torch.Tensor  # int64 [segments]: first row in the kernel's K/V (see in_place)
     seg_len: torch.Tensor  # int32 [segments]
     rows: int  # len(seg_index), host
     chunk: int  # host bound on seg_len
+    in_place: bool = False  # every segment is one run of the pool: seg_start are pool rows
+    grad_start: torch.Tensor | None = None  # int64 [segments]: segment-major row of each segment
 
 
 @dataclass(frozen=True)
@@ -147,30 +158,61 @@ class CoreMeta:
     keep_fetched: bool
     fused: FusedSel | None = None  # set: the selected part runs in the fused Triton kernel
     overlaps: bool = True  # some pool row is in two segments (a causal prefix overlaps a block)
+    workspace: int = 1 << 30  # transient bytes allowed (moba_dist.memory.workspace_bytes)
 
 
-def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, max_pairs: int) -> list[SelBatch]:
-    """Group consecutive segments so each batch gathers at most ``max_pairs`` (query, head) rows
-    (a single larger segment gets a batch of its own). Host tensors in and out (the caller
-    uploads the ``cu`` tables together with the rest of the plan)."""
-    batches = []
+def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
+                key_bytes: int) -> list[SelBatch]:
+    """Cut the selected part into batches whose buffers fit ``budget`` bytes.
+
+    A batch gathers ``P`` (query, head) rows and the ``K`` key rows of their segments and holds
+    ``P * pair_bytes + K * key_bytes`` bytes of scratch at most (see :func:`pair_row_bytes`).
+    Segments are taken in order; a segment with more pairs than fit beside its keys is split into
+    pieces (the same keys, disjoint query rows: each query's softmax over the segment does not
+    depend on the others), each such piece a batch of its own. Host tensors in and out (the
+    caller uploads the ``cu`` tables with the rest of the plan)."""
     n_seg = seg_counts.numel()
-    pair_cu = torch.cat([seg_counts.new_zeros(1), torch.cumsum(seg_counts, 0)])
+    if n_seg == 0:
+        return []
+    seg_counts, seg_len = seg_counts.to(torch.int64), seg_len.to(torch.int64)
+    chunk = int(seg_len.max())
+    max_pairs = max(1, (budget - chunk * key_bytes) // max(pair_bytes, 1))
+    pieces = (seg_counts + max_pairs - 1) // max_pairs
+    seg = torch.repeat_interleave(torch.arange(n_seg), pieces)
+    first_piece = torch.cumsum(pieces, 0) - pieces
+    j = torch.arange(seg.numel()) - first_piece[seg]
+    pair_cu = torch.cumsum(seg_counts, 0) - seg_counts
+    p_start = pair_cu[seg] + j * max_pairs
+    p_len = torch.minimum(seg_counts[seg] - j * max_pairs, torch.tensor(max_pairs))
+    # A piece of a split segment fills its batch (two pieces of one segment never share one).
+    cost = torch.where(pieces[seg] > 1, budget, p_len * pair_bytes + seg_len[seg] * key_bytes)
+    cost_cu = torch.cat([cost.new_zeros(1), torch.cumsum(cost, 0)])
     row_cu = torch.cat([seg_len.new_zeros(1), torch.cumsum(seg_len, 0)])
-    a = 0
-    while a < n_seg:
-        b = int(torch.searchsorted(pair_cu, pair_cu[a] + max_pairs, right=True)) - 1
-        b = min(max(b, a + 1), n_seg)
-        if int(pair_cu[b] - pair_cu[a]):
-            batches.append(SelBatch(
-                pairs=slice(int(pair_cu[a]), int(pair_cu[b])),
-                rows=slice(int(row_cu[a]), int(row_cu[b])),
-                cu_q=(pair_cu[a:b + 1] - pair_cu[a]).to(torch.int32),
-                cu_k=(row_cu[a:b + 1] - row_cu[a]).to(torch.int32),
-                max_q=int(seg_counts[a:b].max()),
-            ))
+    batches, a, n_pieces = [], 0, seg.numel()
+    while a < n_pieces:
+        b = int(torch.searchsorted(cost_cu, cost_cu[a] + budget, right=True)) - 1
+        b = min(max(b, a + 1), n_pieces)
+        s = seg[a:b]
+        k0 = row_cu[s[0]]
+        cu_q = torch.cat([p_len.new_zeros(1), torch.cumsum(p_len[a:b], 0)])
+        cu_k = torch.cat([row_cu[s] - k0, (row_cu[s[-1] + 1] - k0).view(1)])
+        batches.append(SelBatch(
+            pairs=slice(int(p_start[a]), int(p_start[b - 1] + p_len[b - 1])),
+            rows=slice(int(k0), int(row_cu[s[-1] + 1])),
+            cu_q=cu_q.to(torch.int32),
+            cu_k=cu_k.to(torch.int32),
+            max_q=int(p_len[a:b].max()),
+        ))
         a = b
     return batches
+
+
+def pair_row_bytes(head_dim: int, elem: int) -> tuple[int, int]:
+    """Scratch bytes per gathered (query, head) row and per key row of a selected-part batch
+    (backward, the larger direction): the gathered ``dout, q, out`` rows and the row's ``dq`` in
+    the input dtype, the kernel's float32 ``dq`` accumulator and its float32 copy, LSE and index;
+    per key row: keys and values gathered, their gradients, and the pair written back."""
+    return head_dim * (4 * elem + 8) + 16, 6 * head_dim * elem
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +229,11 @@ def head_major(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     every (head, block part) is then a contiguous range of rows."""
     n, hkv, d = k.shape
     return torch.stack([k, v], 1).permute(2, 0, 1, 3).reshape(hkv * n, 2, d)
+
+
+def _pool(recv: torch.Tensor, kv_hm: torch.Tensor) -> torch.Tensor:
+    """Received rows then local head-major rows; on one device (nothing received) no copy."""
+    return kv_hm if recv.shape[0] == 0 else torch.cat([recv, kv_hm])
 
 
 def _segment_kv(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +280,6 @@ class MoBACore(torch.autograd.Function):
         q, k, v, out, lse, *kept = ctx.saved_tensors
         be, scale = meta.backend, meta.softmax_scale
         n = q.shape[0]
-        acc = accum_dtype(q.dtype)
         dout = dout.contiguous()
         with record_function("moba.bwd.fetch.start"):
             kv_hm = head_major(k, v)
@@ -247,15 +293,17 @@ class MoBACore(torch.autograd.Function):
         with record_function("moba.bwd.fetch.wait"):
             recv = pending.wait()
         with record_function("moba.bwd.selected"):
-            dq, dpool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
+            dq, dk_pool, dv_pool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
+        del kv_hm, recv, kept
         with record_function("moba.bwd.return_grads"):
-            n_recv = recv.shape[0]
-            dkv_hm = dpool[n_recv:].to(acc)
-            meta.fetch.return_grads(dpool[:n_recv], dkv_hm)
-        hkv = k.shape[1]
-        dkv = dkv_hm.view(hkv, n, 2, k.shape[-1]).permute(1, 2, 0, 3)  # [n, 2, Hkv, D]
-        dk = (dk.to(acc) + dkv[:, 0]).to(k.dtype)
-        dv = (dv.to(acc) + dkv[:, 1]).to(v.dtype)
+            n_recv = dk_pool.shape[0] - k.shape[1] * n
+            dk_loc, dv_loc = meta.fetch.return_grads(dk_pool[:n_recv], dv_pool[:n_recv], dk_pool[n_recv:],
+                                                     dv_pool[n_recv:])
+        # Head-major [Hkv * n, D] -> [n, Hkv, D] views, added in place: one rounding of the sum of
+        # the self part's and the selected part's gradients, no float32 copy of either.
+        hkv, d = k.shape[1], k.shape[-1]
+        dk = dk.add_(dk_loc.view(hkv, n, d).transpose(0, 1))
+        dv = dv.add_(dv_loc.view(hkv, n, d).transpose(0, 1))
         return dq.to(q.dtype), dk, dv, None
 
 
@@ -266,7 +314,7 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
     if not meta.sel_batches:
         return out, lse
     n, hq, _ = q.shape
-    pool = torch.cat([recv, kv_hm])
+    pool = _pool(recv, kv_hm)
     merged = LSEAccumulator(_flat(out), lse.t().reshape(-1))
     for b in meta.sel_batches:
         rows = meta.pair_row[b.pairs].long()
@@ -279,62 +327,78 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
 
 
 def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
-    """Selected part's backward: ``dq`` (accumulation dtype) and the gradient of every pool row
-    ``dpool [R + Hkv * n, 2, D]`` (q's dtype; received rows first, then local head-major)."""
+    """Selected part's backward: ``dq`` (the self part's ``dq`` plus the selected part's) and the
+    key and value gradients of every pool row, ``dk_pool, dv_pool [R + Hkv * n, D]`` (received
+    rows first, then local head-major rows)."""
     if meta.fused is not None:
         return _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
-    pool = torch.cat([recv, kv_hm])
+    pool = _pool(recv, kv_hm)
     # A pool row is written by at most two segments (a selected block and the causal prefix
     # that overlaps it), and two additions onto zero give the same result in either order, so
     # the accumulating write below is deterministic; without a prefix it is a plain scatter.
     dpool = torch.zeros_like(pool)
-    if not meta.sel_batches:
-        return dq, dpool
-    acc = accum_dtype(q.dtype)
-    dq = _flat(dq).to(acc)
-    lse_rows = lse.t().reshape(-1)
-    for b in meta.sel_batches:
-        rows = meta.pair_row[b.pairs].long()
-        idx = meta.seg_index[b.rows]
-        k_b, v_b = _segment_kv(pool, idx)
-        dq_b, dk_b, dv_b = meta.backend.backward(
-            _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
-            lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
-            meta.softmax_scale, False)
-        index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
-        dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=meta.overlaps)
-    return dq.view(q.shape), dpool
+    if meta.sel_batches:
+        acc = accum_dtype(q.dtype)
+        dq = _flat(dq).to(acc)
+        lse_rows = lse.t().reshape(-1)
+        for b in meta.sel_batches:
+            rows = meta.pair_row[b.pairs].long()
+            idx = meta.seg_index[b.rows]
+            k_b, v_b = _segment_kv(pool, idx)
+            dq_b, dk_b, dv_b = meta.backend.backward(
+                _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
+                lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
+                meta.softmax_scale, False)
+            del k_b, v_b
+            index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
+            dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=meta.overlaps)
+        dq = dq.view(q.shape)
+    return dq, dpool[:, 0], dpool[:, 1]
 
 
-def _segment_pools(recv, kv_hm, meta: CoreMeta):
-    """The pool, and keys and values of every segment, segment-major ``[rows, D]`` each."""
-    pool = torch.cat([recv, kv_hm])
+def _fused_pools(recv, kv_hm, meta: CoreMeta):
+    """Keys and values ``[rows, D]`` the fused kernel reads: the pool itself when every segment
+    is one run of it (``FusedSel.in_place``: no copy), else a segment-major gathered copy."""
+    pool = _pool(recv, kv_hm)
+    if meta.fused.in_place:
+        return pool[:, 0], pool[:, 1]
     kv_seg = pool[meta.seg_index]
-    return pool, kv_seg[:, 0], kv_seg[:, 1]
+    return kv_seg[:, 0], kv_seg[:, 1]
 
 
 def _fused_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
     """The selected part and its LSE merge with the self part in one fused Triton kernel."""
-    from .kernels.triton_moba import selected_attn_fwd
+    from .kernels.triton_moba import DEFAULT_CONFIG, selected_attn_fwd
 
     f = meta.fused
-    _, k_seg, v_seg = _segment_pools(recv, kv_hm, meta)
+    k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
+    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=meta.workspace)
     return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
-                             self_out=out, self_lse=lse, out_dtype=q.dtype)
+                             self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg)
 
 
 def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
-    """Backward of :func:`_fused_forward`'s selected part: ``dq`` (accumulation dtype) plus
-    ``dpool`` as in :func:`_selected_backward`."""
-    from .kernels.triton_moba import selected_attn_bwd
+    """Backward of :func:`_fused_forward`'s selected part, outputs as :func:`_selected_backward`.
+    The self part's ``dq`` is added inside the kernel; key and value gradients come back in
+    pool rows directly when segments are runs of the pool that do not overlap."""
+    from .kernels.triton_moba import DEFAULT_CONFIG, selected_attn_bwd
 
     f = meta.fused
-    pool, k_seg, v_seg = _segment_pools(recv, kv_hm, meta)
-    dq_sel, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
-                                       out, lse, meta.softmax_scale, grad_start=f.seg_start,
-                                       grad_rows=f.rows)
-    # As in _selected_backward: a pool row belongs to at most two segments, and to two only
-    # when a causal-prefix segment overlaps a selected block; otherwise a plain scatter.
-    dpool = torch.zeros_like(pool)
-    dpool.index_put_((meta.seg_index,), torch.stack([dk, dv], 1).to(pool.dtype), accumulate=meta.overlaps)
-    return dq.to(dq_sel.dtype) + dq_sel, dpool
+    k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
+    rows = recv.shape[0] + kv_hm.shape[0]
+    direct = f.in_place and not meta.overlaps
+    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=meta.workspace)
+    dq, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
+                                   out, lse, meta.softmax_scale, config=cfg, dq_base=dq, dq_dtype=q.dtype,
+                                   grad_start=f.seg_start if direct else f.grad_start,
+                                   grad_rows=rows if direct else f.rows)
+    if direct:
+        return dq, dk, dv
+    # Segment-major gradients to pool rows. A pool row belongs to at most two segments, and to
+    # two only when a causal-prefix segment overlaps a selected block: two additions onto zero
+    # give the same sum in either order (deterministic); otherwise a plain scatter.
+    dk_pool = dk.new_zeros(rows, dk.shape[-1])
+    dv_pool = dv.new_zeros(rows, dv.shape[-1])
+    dk_pool.index_put_((meta.seg_index,), dk, accumulate=meta.overlaps)
+    dv_pool.index_put_((meta.seg_index,), dv, accumulate=meta.overlaps)
+    return dq, dk_pool, dv_pool

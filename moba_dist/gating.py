@@ -15,8 +15,6 @@ import torch
 
 GATE_ENV = "MOBA_DIST_GATE"  # "torch" forces the pure-PyTorch gate on CUDA too
 
-GATE_TILE_ELEMS = 1 << 24  # score elements per gating tile on the CPU (64 MiB in float32, x2)
-GATE_TILE_ELEMS_CUDA = 1 << 27  # on CUDA without Triton (float64 scores: 1 GiB)
 SUM_TILE_ELEMS = 1 << 27  # key elements gathered per summary tile
 SUM_DTYPE = torch.float64  # block key sums: exact (hence order-free) for bf16/fp16 keys
 
@@ -57,8 +55,16 @@ def block_means(sums: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -
     return (sums / lengths.to(sums.device, sums.dtype)[:, None, None]).to(dtype)
 
 
+def gate_tile_elems(budget: int, dtype: torch.dtype) -> int:
+    """Score elements per gating tile within ``budget`` bytes: the scores, their product buffer,
+    the validity mask and the packed int64 top-k keys (``3 * 8 + 1`` bytes per float32 score;
+    the CUDA fallback's float64 scores take about as much)."""
+    per = 3 * max(torch.empty(0, dtype=dtype).element_size(), 8) + 1
+    return max(1 << 12, budget // per)
+
+
 def gate_tiles(layout, q_begin: int, n: int, num_heads: int,
-               max_elems: int = GATE_TILE_ELEMS) -> list[tuple[int, int, int, int]]:
+               max_elems: int = 1 << 24) -> list[tuple[int, int, int, int]]:
     """Host plan of gating tiles for the local query rows ``[0, n)`` at global positions
     ``q_begin + row``: a list of ``(row_a, row_b, block_lo, block_hi)`` where the tile's queries
     may only pick blocks in ``[block_lo, block_hi)``. Tiles with no candidate are left out."""

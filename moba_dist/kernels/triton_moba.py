@@ -365,10 +365,12 @@ def _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_row0, k_len, j0, stride_k, s
 
 
 @triton.jit
-def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, dq_ptr, rows, S: tl.constexpr, P: tl.constexpr,
-                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, base_ptr, dq_ptr, rows, S: tl.constexpr,
+                   P: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, HAS_BASE: tl.constexpr):
     """``dq`` of ``BLOCK_R`` rows ``i * Hq + h``: the sum of their selected slots' parts, in slot
-    then part order (a fixed order: deterministic). Parts that were never written (unselected
+    then part order (a fixed order: deterministic), plus the row of ``base`` (another key set's
+    ``dq``) when given, rounded once to ``dq``'s dtype. Parts that were never written (unselected
     slots; key runs ``p`` past a short segment's end) are not read."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     rm = r < rows
@@ -383,7 +385,11 @@ def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, dq_ptr, rows, S: tl.conste
             part = live & (p * BLOCK_N < g_len)
             acc += tl.load(dq_part_ptr + ((r * S + s) * P + p)[:, None] * D + d[None, :],
                            mask=part[:, None] & dm[None, :], other=0.0)
-    tl.store(dq_ptr + r[:, None] * D + d[None, :], acc, mask=rm[:, None] & dm[None, :])
+    if HAS_BASE:
+        acc += tl.load(base_ptr + r[:, None] * D + d[None, :], mask=rm[:, None] & dm[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(dq_ptr + r[:, None] * D + d[None, :], acc.to(dq_ptr.dtype.element_ty),
+             mask=rm[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -546,7 +552,8 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
                       sel: torch.Tensor, chunk: int, out: torch.Tensor, lse: torch.Tensor,
                       softmax_scale: float | None = None, *, grad_start: torch.Tensor | None = None,
-                      grad_rows: int | None = None, config: SelConfig | None = None
+                      grad_rows: int | None = None, config: SelConfig | None = None,
+                      dq_base: torch.Tensor | None = None, dq_dtype: torch.dtype = torch.float32,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the selected part given the row's *final* ``out [n, Hq, D]`` and
     ``lse [Hq, n]`` (after merging with every other key set of the row).
@@ -559,9 +566,15 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             ``grad_rows`` to avoid it). ``grad_start=seg_start, grad_rows=R`` gives pool rows
             when segments are disjoint.
 
-    Returns ``dq [n, Hq, D]`` and ``dk, dv [grad_rows, D]`` (rows outside every range get 0),
-    all float32. Deterministic: per-pair ``dq`` parts summed in slot order; each ``dk, dv`` row
-    accumulated by one program (key runs of one segment), windows in launch order.
+        dq_base: optional ``[n, Hq, D]`` gradient of another key set of the same rows (the own
+            block), added to ``dq`` in the same pass (no float32 copy of either).
+        dq_dtype: dtype of the returned ``dq`` (one rounding of the float32 sum).
+
+    Returns ``dq [n, Hq, D]`` (``dq_dtype``) and ``dk, dv [grad_rows, D]`` float32 (rows outside
+    every range get 0). Scratch: ``delta`` and the per-pair ``dq`` parts, in windows of
+    ``config.max_partial_bytes``. Deterministic: per-pair ``dq`` parts summed in slot order;
+    each ``dk, dv`` row accumulated by one program (key runs of one segment), windows in launch
+    order.
     """
     _check(q, k_pool, v_pool, seg_start, seg_len, sel, chunk)
     cfg = _tiles_for(q, config or DEFAULT_CONFIG)
@@ -577,14 +590,23 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
     elif grad_rows is None:
         raise ValueError("grad_rows: required with grad_start")
     grad_start = grad_start.to(torch.int64).contiguous()
-    dq = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)
+    dq = torch.empty(n, hq, d, dtype=dq_dtype, device=q.device)
     dk = torch.zeros(grad_rows, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(grad_rows, d, dtype=torch.float32, device=q.device)
     nseg = seg_start.numel()
+    if dq_base is not None:
+        if dq_base.shape != q.shape:
+            raise ValueError(f"dq_base: expected {tuple(q.shape)}, got {tuple(dq_base.shape)}")
+        dq_base = dq_base.contiguous()
     if n == 0 or slots == 0 or nseg == 0:
-        return dq.zero_(), dk, dv
-    # delta = rowsum(dO * O) of the final output, as in FlashAttention's backward.
-    delta = (dout.float() * out.float()).sum(-1).t().contiguous()
+        return (dq.copy_(dq_base) if dq_base is not None else dq.zero_()), dk, dv
+    # delta = rowsum(dO * O) of the final output, as in FlashAttention's backward; in row
+    # windows, so the float32 products never exceed the scratch budget.
+    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    step = max(1, cfg.max_partial_bytes // max(1, 3 * hq * d * 4))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        delta[:, a:b] = (dout[a:b].float() * out[a:b].float()).sum(-1).t()
     lse = lse.float().contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     seg_start = seg_start.to(torch.int64).contiguous()
@@ -625,6 +647,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         sel_w = sel_w if sel_w.is_contiguous() else sel_w.contiguous()
         block_r = 16
         _dq_sum_kernel[(triton.cdiv(m * hq, block_r),)](
-            dq_part, sel_w, seg_len, dq[a:b], m * hq, S=slots, P=parts, D=d, DP=dp,
-            BLOCK_N=block_n if fused_dq else chunk, BLOCK_R=block_r, num_warps=4)
+            dq_part, sel_w, seg_len, dq_base[a:b] if dq_base is not None else dq_part, dq[a:b],
+            m * hq, S=slots, P=parts, D=d, DP=dp, BLOCK_N=block_n if fused_dq else chunk,
+            BLOCK_R=block_r, HAS_BASE=dq_base is not None, num_warps=4)
     return dq, dk, dv

@@ -32,17 +32,11 @@ from dataclasses import replace
 import torch
 from torch.profiler import record_function
 
-from ..core import CoreMeta, FusedSel, KVFetch, MoBACore, sel_batches, use_fused_selected
+from ..core import CoreMeta, FusedSel, KVFetch, MoBACore, pair_row_bytes, sel_batches, use_fused_selected
 from ..device import to_device, to_host
-from ..gating import (
-    GATE_TILE_ELEMS,
-    GATE_TILE_ELEMS_CUDA,
-    block_means,
-    block_part_sums,
-    gate_tiles,
-    select_blocks,
-)
+from ..gating import block_means, block_part_sums, gate_tile_elems, gate_tiles, select_blocks
 from ..kernels import accum_dtype, get_backend
+from ..memory import workspace_bytes
 from ..stats import MoBAStats, record
 from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
 from .comm import Comm
@@ -50,13 +44,6 @@ from .plan import StreamPlan, expand_ranges, fetch_plan, stream_plan
 
 KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
 RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds the chosen blocks
-
-
-def pair_batch_size() -> int:
-    """(query, head) rows of the selected part gathered at once; ``$MOBA_DIST_PAIR_BATCH``.
-    The default, 2**21, measured as fast as 2**23 (chunk 4096 top-k 12, 256K tokens, one H200:
-    1003 ms against 986) at 18.2 GiB peak instead of 31.3."""
-    return int(os.environ.get("MOBA_DIST_PAIR_BATCH", 1 << 21))
 
 
 def keep_fetched_default() -> bool:
@@ -127,14 +114,14 @@ def _gate_slices(sp: StreamPlan, offsets: torch.Tensor) -> torch.Tensor | None:
     return sp.device_cache[key]
 
 
-def _gate(q, summaries, layout, tables, begin: int, topk: int) -> torch.Tensor:
+def _gate(q, summaries, layout, tables, begin: int, topk: int, budget: int) -> torch.Tensor:
     """Selections ``[n, Hq, topk - 1]`` of queries at global positions ``begin + row``."""
     n, hq, _ = q.shape
     pos = begin + torch.arange(n, device=q.device)
     q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
     q_first = tables["first_block"][q_block]
-    tile = GATE_TILE_ELEMS_CUDA if q.is_cuda else GATE_TILE_ELEMS
-    return select_blocks(q, summaries, q_block, q_first, topk, gate_tiles(layout, begin, n, hq, tile))
+    tiles = gate_tiles(layout, begin, n, hq, gate_tile_elems(budget, summaries.dtype))
+    return select_blocks(q, summaries, q_block, q_first, topk, tiles)
 
 
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
@@ -153,6 +140,7 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     stats = MoBAStats(world_size=world, rank=rank, local_tokens=n, host_syncs=1)
     if keep_fetched is None:
         keep_fetched = keep_fetched_default()
+    budget = workspace_bytes(q, k, v)
 
     # Gate: global block means, then each local query against its sequence's past blocks,
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
@@ -161,10 +149,10 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     with record_function("moba.gate"):
         balanced = _gate_slices(sp, offsets) if comm is not None else None
         if balanced is None:
-            sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk)
+            sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget)
         else:
             q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
-            sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk)
+            sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget)
             sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
     kk = sel.shape[-1]
     if os.environ.get(RECORD_ENV, "0") == "1":
@@ -231,9 +219,13 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
                 extra = torch.full((n, hq, 1), -1, dtype=torch.int32, device=dev)
                 extra[:first_part, :, 0] = prefix_seg[head_group.view(-1)]
                 sel_seg = torch.cat([sel_seg, extra], -1)
-            fused = FusedSel(sel_seg, seg_start, seg_len_dev.to(torch.int32), num_rows, chunk)
+            # Each segment one run of the pool (always on one device): the kernel reads K/V in
+            # place, at the runs' pool rows, instead of from a segment-major copy.
+            in_place = piece_seg.numel() == seg_len.numel()
+            fused = FusedSel(sel_seg, runs[2] if in_place else seg_start, seg_len_dev.to(torch.int32),
+                             num_rows, chunk, in_place=in_place, grad_start=seg_start)
         else:
-            batches = sel_batches(seg_counts, seg_len, pair_batch_size())
+            batches = sel_batches(seg_counts, seg_len, budget, *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
@@ -251,12 +243,13 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
             seg_index=seg_index,
             sel_batches=batches,
             max_k_sel=chunk,
-            fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits),
+            fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits, k.dtype),
             softmax_scale=softmax_scale,
             backend=get_backend(dev, q.dtype, d, backend),
             keep_fetched=keep_fetched,
             fused=fused,
             overlaps=bool(lp.prefix_len),
+            workspace=budget,
         )
     out = MoBACore.apply(q, k, v, meta)
 
