@@ -366,13 +366,20 @@ def _fused_pools(recv, kv_hm, meta: CoreMeta):
     return kv_seg[:, 0], kv_seg[:, 1]
 
 
+def _partial_bytes(meta: CoreMeta) -> int:
+    """Float32 partial results (forward) and dq parts (backward) of the fused kernel at once: a
+    quarter of the workspace, the rest covering the kernel's other buffers (delta, dk/dv, the
+    pair order) and the own block's gradients alive beside them."""
+    return max(1 << 20, meta.workspace // 4)
+
+
 def _fused_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
     """The selected part and its LSE merge with the self part in one fused Triton kernel."""
     from .kernels.triton_moba import DEFAULT_CONFIG, selected_attn_fwd
 
     f = meta.fused
     k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
-    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=meta.workspace)
+    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=_partial_bytes(meta))
     return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
                              self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg)
 
@@ -387,7 +394,7 @@ def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
     rows = recv.shape[0] + kv_hm.shape[0]
     direct = f.in_place and not meta.overlaps
-    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=meta.workspace)
+    cfg = replace(DEFAULT_CONFIG, max_partial_bytes=_partial_bytes(meta))
     dq, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
                                    out, lse, meta.softmax_scale, config=cfg, dq_base=dq, dq_dtype=q.dtype,
                                    grad_start=f.seg_start if direct else f.grad_start,

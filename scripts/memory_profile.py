@@ -15,6 +15,7 @@ torch. Allocations older than the recording show up as one "before recording" li
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pickle
 import sys
@@ -53,23 +54,28 @@ def peak_report(snapshot: dict, base_bytes: int = 0, top: int = 15) -> str:
             if ev["action"] == "alloc":
                 live[ev["addr"]] = ev["size"]
                 total += ev["size"]
-            elif ev["action"] == "free_completed" and ev["addr"] in live:
-                total -= live.pop(ev["addr"])
+            elif ev["action"] == "free_completed":
+                # A block allocated before the recording leaves the "before" share when freed.
+                total -= live.pop(ev["addr"], ev["size"])
             if total > peak:
                 peak, peak_at = total, i
         # Replay to the peak again, keeping each live block's site.
         sites: dict[int, tuple[int, str]] = {}
+        before = base_bytes
         for ev in trace[:peak_at + 1]:
             if ev["action"] == "alloc":
                 sites[ev["addr"]] = (ev["size"], _site(ev.get("frames", [])))
             elif ev["action"] == "free_completed":
-                sites.pop(ev["addr"], None)
+                if ev["addr"] in sites:
+                    del sites[ev["addr"]]
+                else:
+                    before -= ev["size"]
         by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for size, site in sites.values():
             by_site[site][0] += size
             by_site[site][1] += 1
-        if base_bytes:
-            by_site["(before recording)"] = [base_bytes, 0]
+        if before:
+            by_site["(before recording, still live)"] = [before, 0]
         lines.append(f"device {dev}: peak {peak / 2**30:.2f} GiB at event {peak_at} of {len(trace)}\n")
         lines.append("| GiB at peak | blocks | site |\n|---:|---:|---|")
         for site, (size, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
@@ -79,10 +85,11 @@ def peak_report(snapshot: dict, base_bytes: int = 0, top: int = 15) -> str:
 
 def record(fn, max_entries: int = 2_000_000) -> tuple[dict, int, int]:
     """Run ``fn`` under allocation recording; returns (snapshot, bytes live before, peak)."""
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
     fn()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()

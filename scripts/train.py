@@ -430,7 +430,7 @@ def main(argv=None) -> dict:
         snap = args.memory_snapshot and device.type == "cuda" and step == end - 1
         if snap:
             snap_base = torch.cuda.memory_allocated(device)
-            torch.cuda.memory._record_memory_history(max_entries=4_000_000)
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
         t0 = time.perf_counter()
         loss = run.train_step(step)  # ends with a loss all-reduce: a sync point
         if snap:
