@@ -399,9 +399,9 @@ def _plan(nmax: int, bsz: int, hkv: int, topk1: int, chunk: int, block_n: int, c
 class _Shapes:
     """Static sizes of one call (host ints only: from shapes, ``chunk``, ``topk``, the config)."""
 
-    def __init__(self, q, k_cache, block_sums, chunk: int, topk: int, cfg: DecodeConfig):
+    def __init__(self, q, lmax: int, block_sums, chunk: int, topk: int, cfg: DecodeConfig):
         self.bsz, self.hq, self.d = q.shape
-        self.lmax, self.hkv = k_cache.shape[1], k_cache.shape[2]
+        self.lmax, self.hkv = lmax, block_sums.shape[2]
         self.nmax = min(block_sums.shape[1], triton.cdiv(self.lmax, chunk))
         self.topk1 = topk - 1
         self.group = self.hq // self.hkv
@@ -470,9 +470,12 @@ def decode_selection_triton(q: torch.Tensor, cache_seqlens: torch.Tensor, block_
     ties lower block first, ``-1`` padded): its candidates merged here in PyTorch, as the
     attention kernel merges them. For checks against ``gate_topk`` / ``decode_selection``."""
     cfg = config or DecodeConfig()
-    kc = q.new_empty(q.shape[0], block_sums.shape[1] * moba_chunk_size, block_sums.shape[2], q.shape[2])
+    bsz, _, d = q.shape
+    # The checks of a cache of Nmax blocks (a zero-stride view: nothing is allocated).
+    kc = q.new_zeros(d).as_strided((bsz, block_sums.shape[1] * moba_chunk_size, block_sums.shape[2], d),
+                                   (0, 0, 0, 1))
     _check(q, kc, kc, cache_seqlens, block_sums, moba_chunk_size, moba_topk)
-    sz = _Shapes(q, kc, block_sums, moba_chunk_size, moba_topk, cfg)
+    sz = _Shapes(q, kc.shape[1], block_sums, moba_chunk_size, moba_topk, cfg)
     if sz.topk1 == 0:
         return torch.empty(sz.bsz, sz.hq, 0, dtype=torch.int64, device=q.device)
     cand = _launch_gate(q, cache_seqlens.contiguous(), block_sums, moba_chunk_size, sz)
@@ -495,7 +498,7 @@ def moba_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     cfg = config or DecodeConfig()
     _check(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk)
     chunk = moba_chunk_size
-    sz = _Shapes(q, k_cache, block_sums, chunk, moba_topk, cfg)
+    sz = _Shapes(q, k_cache.shape[1], block_sums, chunk, moba_topk, cfg)
     scale = softmax_scale if softmax_scale is not None else sz.d ** -0.5
     dev = q.device
     seqlens = cache_seqlens.contiguous()
