@@ -156,3 +156,23 @@ def test_gpu_selection_equals_gate_topk(dtype):
     base = torch.arange(len(lengths), device="cuda") * n
     flat = gate_topk(dev[0], means, base + own, base, topk)
     assert torch.equal(sel, torch.where(flat >= 0, flat - base[:, None, None], -1))
+
+
+def test_cp_local_candidates_triton_equals_torch():
+    # The CUDA gate of the context-parallel decode (the decode kernel's gate on the local sums)
+    # against the CPU gate, on exact scores; candidates include the tie order of equal scores.
+    from moba_dist.parallel.decode_cp import local_candidates
+
+    chunk, topk = 4, 4
+    q, kc, _, _, _ = make_cache([64, 64], 64, 4, 2, 16, chunk, torch.float32, seed=5)
+    off = torch.tensor([6, 13])
+    n = torch.tensor([50, 3])  # row 0 scores 13 local blocks, row 1 one (positions 13..15)
+    first = off // chunk
+    ar = torch.arange(64)
+    rel = torch.where(ar < n[:, None], ar + off[:, None] - first[:, None] * chunk, -1)
+    local_k = torch.stack([kc[b].roll(-int(off[b]), 0) for b in range(2)])
+    sums = torch.zeros(2, 17, 2, 16, dtype=torch.float64)
+    update_block_sums(sums, local_k, rel, chunk)
+    want = local_candidates(q, sums, off, n, chunk, topk, gate="torch")
+    got = local_candidates(q.to(DEV), sums.to(DEV), off, n, chunk, topk, gate="triton")
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
