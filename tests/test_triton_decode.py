@@ -61,6 +61,9 @@ CASES = [
     ([45], 48, 4, 2, 16, 16, 3, td.DecodeConfig(split_n=16, block_n=16, gate_programs=2)),
     ([61, 30], 64, 8, 2, 32, 2, 5, td.DecodeConfig(gate_programs=3)),  # G 4, many gate programs
     ([23], 24, 6, 2, 16, 4, 9, None),  # G 3 (padded to 4), topk covers the length
+    # 152 blocks = 5 gate tiles dealt to 2 programs (3 and 2 tiles), and to 5 programs.
+    ([300, 150, 70], 304, 4, 2, 16, 2, 5, td.DecodeConfig(gate_programs=2)),
+    ([300, 150, 70], 304, 4, 2, 16, 2, 5, None),
 ]
 
 

@@ -11,8 +11,9 @@ contiguous), ``cache_seqlens`` int32 ``[B]`` on the device, ``block_sums [B, Nma
 float64 (last dim contiguous). ``G = Hq / Hkv`` query heads share a kv head.
 
 1. Gate (``_gate_kernel``, grid ``(B * Hkv, NG)``): program ``(b, kv head, s)`` scores the
-   complete blocks ``[s * P, (s + 1) * P) ∩ [0, own)`` of row ``b`` (``own = (seqlen - 1) //
-   chunk``) for the ``G`` query heads of the kv head, and writes its local top-``(topk - 1)`` as
+   tiles ``s, s + NG, s + 2 NG, ...`` of ``BLOCK_N`` blocks among the complete blocks
+   ``[0, own)`` of row ``b`` (``own = (seqlen - 1) // chunk``), for the ``G`` query heads of
+   the kv head, and writes its local top-``(topk - 1)`` as
    packed int64 keys (score bits, reversed block id: the key order is the selection order, ties
    to the lower block). The block mean is computed in the kernel from the float64 sum exactly as
    :func:`moba_dist.gating.block_means` does (one IEEE float64 division, PTX ``div.rn.f64``, one
@@ -202,7 +203,7 @@ def _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
 @triton.jit
 def _gate_kernel(
     q_ptr, sums_ptr, seqlens_ptr, cand_ptr,
-    chunk, blocks_per_prog,
+    chunk, step,
     stride_qb, stride_qh, stride_sb, stride_sn, stride_sh, stride_cb, stride_ch, stride_cs,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TOPK1: tl.constexpr, KP: tl.constexpr,
@@ -220,8 +221,10 @@ def _gate_kernel(
     head = hk * G + g
     b64 = b.to(tl.int64)
     own = (tl.load(seqlens_ptr + b) - 1) // chunk
-    lo = part * blocks_per_prog
-    hi = tl.minimum(lo + blocks_per_prog, own)
+    # Program `part` takes tiles part, part + NG, part + 2 NG, ... (increasing, as the insertion
+    # merge needs): short caches still spread over all programs.
+    lo = part * BLOCK_N
+    hi = own
     q_row = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh
 
     slot = tl.arange(0, KP)
@@ -234,9 +237,9 @@ def _gate_kernel(
             top = _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
                              stride_sn, stride_sh, R, BLOCK_N, D, BLOCK_D, TOPK1, MMA3,
                              INTERPRETED, WHILE_LOOPS)
-            start += BLOCK_N
+            start += step
     else:
-        for start in range(lo, hi, BLOCK_N):
+        for start in range(lo, hi, step):
             top = _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
                              stride_sn, stride_sh, R, BLOCK_N, D, BLOCK_D, TOPK1, MMA3,
                              INTERPRETED, WHILE_LOOPS)
@@ -386,11 +389,10 @@ def _merge_kernel(wo_ptr, wl_ptr, out_ptr, lse_ptr, stride_ob, stride_oh,
 
 
 def _plan(nmax: int, bsz: int, hkv: int, topk1: int, chunk: int, block_n: int, cfg: DecodeConfig):
-    """Static launch sizes: gate programs per (row, kv head) and the blocks each scans, and the
-    attention splits per block."""
-    per_head = max(1, cfg.gate_programs)
-    bpp = max(block_n, triton.cdiv(triton.cdiv(max(nmax, 1), per_head), block_n) * block_n)
-    ng = triton.cdiv(max(nmax, 1), bpp)
+    """Static launch sizes: gate programs per (row, kv head) and the most blocks one scans
+    (tiles of ``block_n`` blocks dealt round-robin), and the attention splits per block."""
+    ng = max(1, min(cfg.gate_programs, triton.cdiv(max(nmax, 1), block_n)))
+    bpp = triton.cdiv(triton.cdiv(max(nmax, 1), block_n), ng) * block_n
     split_n = max(16, min(cfg.split_n, _next_pow2(chunk)))  # tl.dot needs 16 or more keys
     nsplit = triton.cdiv(chunk, split_n)
     return bpp, ng, split_n, nsplit
@@ -451,7 +453,7 @@ def _launch_gate(q, seqlens, block_sums, chunk: int, sz: _Shapes) -> torch.Tenso
     # shape-independent, so one query row padded to 16 is enough.
     block_m = sz.gcfg.block_m if sz.mma3 else max(1, 16 // sz.gp)
     _gate_kernel[(sz.bsz * sz.hkv, sz.ng)](
-        q, block_sums, seqlens, cand, chunk, sz.bpp,
+        q, block_sums, seqlens, cand, chunk, sz.ng * sz.gate_block_n,
         q.stride(0), q.stride(1), block_sums.stride(0), block_sums.stride(1),
         block_sums.stride(2), cand.stride(0), cand.stride(1), sz.topk1,
         HKV=sz.hkv, G=sz.group, GP=sz.gp, D=sz.d, TOPK1=sz.topk1, KP=sz.kp,
