@@ -146,6 +146,8 @@ def update_block_sums(block_sums: torch.Tensor, k_new: torch.Tensor, positions: 
     if k_new.dim() != 4 or k_new.shape[0] != bsz or k_new.shape[2:] != block_sums.shape[2:]:
         raise ValueError(f"k_new: expected [{bsz}, S, Hkv, D] fitting block_sums "
                          f"{tuple(block_sums.shape)}, got {tuple(k_new.shape)}")
+    if block_sums.dtype != SUM_DTYPE or not block_sums.is_contiguous():
+        raise ValueError("block_sums: must be a contiguous float64 tensor (updated in place)")
     if positions.shape != k_new.shape[:2]:
         raise ValueError(f"positions: expected {tuple(k_new.shape[:2])}, got {tuple(positions.shape)}")
     keep = positions >= 0

@@ -157,7 +157,7 @@ def test_gpu_selection_equals_gate_topk(dtype):
     n = int(own.max())
     means = (dev[4][:, :n].reshape(-1, hkv, d) / chunk).float()
     base = torch.arange(len(lengths), device="cuda") * n
-    flat = gate_topk(dev[0], means, base + own, base, topk)
+    flat = gate_topk(dev[0], means, base + own.cuda(), base, topk)
     assert torch.equal(sel, torch.where(flat >= 0, flat - base[:, None, None], -1))
 
 
@@ -179,3 +179,32 @@ def test_cp_local_candidates_triton_equals_torch():
     want = local_candidates(q, sums, off, n, chunk, topk, gate="torch")
     got = local_candidates(q.to(DEV), sums.to(DEV), off, n, chunk, topk, gate="triton")
     assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_follows_the_cache():
+    # Captured once; the cache length and the query change in place between replays.
+    chunk, topk, lmax = 128, 8, 128 * 64
+    q, kc, vc, seqlens, sums = make_cache([lmax], lmax, 16, 4, 128, chunk, torch.bfloat16, seed=6,
+                                          exact=False)
+    q, kc, vc, sums = q.cuda(), kc.cuda(), vc.cuda(), sums.cuda()
+    lens = torch.tensor([100], dtype=torch.int32, device="cuda")
+    static = {}
+
+    def step():
+        static["out"] = td.moba_decode_triton(q, kc, vc, lens, sums, chunk, topk)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for n in (100, 129, 4000, lmax):
+        lens.fill_(n)
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        ref = moba_decode(q, kc, vc, lens, sums, chunk, topk)
+        assert (static["out"].float() - ref.float()).abs().max().item() < 3e-2, n
