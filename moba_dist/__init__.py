@@ -1,6 +1,7 @@
 """moba-dist: context-parallel Mixture of Block Attention (MoBA) for PyTorch."""
 
 from .config import MoBAConfig
+from .decode import moba_decode
 from .moba import moba_attn_varlen
 from .module import MoBAAttention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
@@ -16,5 +17,6 @@ __all__ = [
     "last_stats",
     "moba_attn_varlen",
     "moba_attn_varlen_cp",
+    "moba_decode",
     "ring_attn_varlen_cp",
 ]
