@@ -32,11 +32,21 @@ Importing this package does not import transformers; :func:`register` does.
 
 from __future__ import annotations
 
-from .attention import moba_config, moba_dist_attention, padding_free_mask
+from .attention import PaddingMask, moba_config, moba_dist_attention, padding_free_mask
 from .context import ContextParallel, active_context, context_parallel
 from .packing import cu_seqlens_from_position_ids, shift_labels, slice_offsets
 
 ATTN_IMPLEMENTATION = "moba_dist"
+
+
+def __getattr__(name: str):
+    # MoBACache subclasses transformers' Cache: imported on first use, so that importing this
+    # package still does not import transformers.
+    if name in ("MoBACache", "MoBACacheLayer"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register(name: str = ATTN_IMPLEMENTATION) -> None:
@@ -51,6 +61,9 @@ def register(name: str = ATTN_IMPLEMENTATION) -> None:
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ContextParallel",
+    "MoBACache",
+    "MoBACacheLayer",
+    "PaddingMask",
     "active_context",
     "context_parallel",
     "cu_seqlens_from_position_ids",
