@@ -152,7 +152,7 @@ def plot(results: list[dict], chance: float, path: str) -> None:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("retrieval accuracy by generation")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Length generalisation (trained at %d tokens)" % results[0]["rows"][0]["length"])
+    ax.set_title(f"Length generalisation (trained at {results[0]['rows'][0]['length']} tokens)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,7 +161,8 @@ def plot(results: list[dict], chance: float, path: str) -> None:
 
 def markdown(results: list[dict], chance: float) -> str:
     factors = [x["factor"] for x in results[0]["rows"]]
-    head = "| model | " + " | ".join(f"{f}x ({x['length']})" for f, x in zip(factors, results[0]["rows"])) + " |"
+    cols = [f"{f}x ({x['length']})" for f, x in zip(factors, results[0]["rows"])]
+    head = "| model | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(factors) + 1)]
     for r in results:
         lines.append(f"| {r['label']} | " + " | ".join(f"{x['accuracy']:.3f}" for x in r["rows"]) + " |")
@@ -177,7 +178,8 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     batches = -(-args.sequences // args.batch)
-    bar = tqdm(total=len(sources) * len(factors) * batches, desc="generate", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(sources) * len(factors) * batches, desc="generate", dynamic_ncols=True,
+               file=sys.stderr)
     results, chance = [], None
     for i, (kind, path) in enumerate(sources):
         if kind == "ckpt":
@@ -193,8 +195,8 @@ def main(argv=None) -> dict:
         del model
     bar.close()
     os.makedirs(args.out_dir, exist_ok=True)
-    summary = {"results": results, "chance": chance, "device": str(device), "dtype": str(dtype).split(".")[-1],
-               "sequences": args.sequences, "seed": args.seed}
+    summary = {"results": results, "chance": chance, "device": str(device),
+               "dtype": str(dtype).split(".")[-1], "sequences": args.sequences, "seed": args.seed}
     with open(os.path.join(args.out_dir, "generate_results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out_dir, "generate_results.md"), "w") as f:
