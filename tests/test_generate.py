@@ -236,3 +236,17 @@ def test_training_path_reads_position_ids_once_per_forward(monkeypatch):
     with torch.no_grad():
         c = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     assert len(calls) == 3 and not torch.equal(a, c)
+
+
+def test_beam_search_and_several_samples_per_prompt():
+    """Beam search reorders the cache rows (reorder_cache); num_return_sequences repeats them."""
+    model = make_model()
+    (prompt,) = prompts([30])
+    kw = dict(num_beams=3, max_new_tokens=8, do_sample=False)
+    want = model.generate(prompt[None], use_cache=False, **kw)
+    assert model.generate(prompt[None], cache=MoBACache(model.config), **kw).equal(want)
+    kw = dict(num_return_sequences=3, max_new_tokens=8, do_sample=True, top_k=0)
+    torch.manual_seed(1)
+    want = model.generate(prompt[None], use_cache=False, **kw)
+    torch.manual_seed(1)
+    assert model.generate(prompt[None], cache=MoBACache(model.config), **kw).equal(want)
