@@ -32,6 +32,11 @@ real tokens and computes attention (prefill: :func:`moba_dist.moba_attn_varlen` 
 unpadded rows; decode: :func:`decode_attention`). The cache is meant for that attention
 function only; another implementation would see the new tokens alone.
 
+The cache is for inference: it stores detached keys and values (no gradient reaches past tokens
+through it). Block-sum updates are done here (``index_put_`` with accumulation, in
+:meth:`MoBACacheLayer.append`/``append_packed``) until ``moba_dist.decode.update_block_sums``
+lands.
+
 Not supported: ``crop`` (assisted generation, DoLa), offloading, ``torch.compile`` of decode
 (``is_compileable`` is False), context-parallel decode (the hook is
 :func:`decode_attention`, see there).
@@ -169,6 +174,7 @@ class MoBACacheLayer(CacheLayerMixin):
         """Store packed tokens ``k, v [n, Hkv, D]`` at ``(row[i], pos[i])`` (int64 device ``[n]``;
         the prefill of an empty cache) and add them to their blocks' sums. ``seqlens`` must be
         set by the caller."""
+        k, v = k.detach(), v.detach()
         self.keys[row, pos] = k.to(self.keys.dtype)
         self.values[row, pos] = v.to(self.values.dtype)
         if self.block_sums is not None:
@@ -178,6 +184,7 @@ class MoBACacheLayer(CacheLayerMixin):
         """Append one token per row, ``k, v [B, Hkv, D]``, at position ``seqlens[b]``; rows where
         ``real`` (bool ``[B]`` or None: all) is False keep their length, so the slot is
         overwritten by the next real token. No host sync."""
+        k, v = k.detach(), v.detach()
         rows = torch.arange(k.shape[0], device=k.device)
         pos = self.seqlens.long()
         self.keys[rows, pos] = k.to(self.keys.dtype)
@@ -198,8 +205,9 @@ class MoBACache(Cache):
         config: the model config (``moba_chunk_size``, ``moba_topk``, ...; a composite config's
             text config is used).
         grow_tokens: capacity step per row in tokens (default 4096).
-        max_cache_len: tokens per row to allocate at the first update (prompt plus new tokens),
-            to avoid any regrowth.
+        max_cache_len: tokens per row to allocate at the first update (prompt plus new tokens).
+            Set it for long contexts: each regrowth copies the whole cache once and briefly
+            holds the old and new buffers together.
 
     Pass it to ``generate(..., cache=MoBACache(model.config))``; see the module docstring.
     """
