@@ -106,7 +106,9 @@ def test_greedy_matches_uncached_decoding(length, full):
     (prompt,) = prompts([length])
     steps = 20  # crosses at least two block boundaries
     want_tokens, want_logits = uncached_greedy(model, prompt, steps)
-    tokens, logits = cached_greedy(model, prompt[None], torch.ones(1, length, dtype=torch.long), steps)
+    # A small growth step: the cache is regrown (copied) every block.
+    tokens, logits = cached_greedy(model, prompt[None], torch.ones(1, length, dtype=torch.long), steps,
+                                   cache=MoBACache(model.config, grow_tokens=CHUNK))
     assert tokens[0].tolist() == want_tokens.tolist()
     assert (logits[0] - want_logits).abs().max().item() <= TOL
     gen = model.generate(prompt[None], cache=MoBACache(model.config), max_new_tokens=steps, do_sample=False)
@@ -141,6 +143,17 @@ def test_left_padded_batch_matches_each_prompt_alone(full):
         assert tokens[i].tolist() == want_tokens.tolist(), i
         assert (logits[i] - want_logits).abs().max().item() <= TOL, i
         assert gen[i, ids.shape[1]:].tolist() == want_tokens.tolist(), i
+
+
+def test_float32_selects_the_same_blocks():
+    """float32: block sums of float32 keys are exact in float64, so the gate sees the training
+    means bitwise and the tokens agree; logits to float32 rounding."""
+    model = make_model(full=(1,)).float()
+    (prompt,) = prompts([45])
+    want_tokens, want_logits = uncached_greedy(model, prompt, 16)
+    tokens, logits = cached_greedy(model, prompt[None], torch.ones(1, 45, dtype=torch.long), 16)
+    assert tokens[0].tolist() == want_tokens.tolist()
+    assert (logits[0] - want_logits).abs().max().item() <= 1e-4
 
 
 def test_padding_is_not_stored():

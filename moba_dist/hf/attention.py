@@ -197,7 +197,7 @@ def _cached_attention(layer, moba: MoBAConfig, layer_idx: int, query: torch.Tens
     outs = []
     for s in range(seqlen):
         layer.append(k[:, s], v[:, s], None if real is None else real[:, s])
-        outs.append(decode_attention(layer, moba, q[:, s], scaling))
+        outs.append(decode_attention(layer, moba, q[:, s].contiguous(), scaling))
     return torch.stack(outs, dim=1)
 
 

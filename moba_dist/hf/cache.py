@@ -258,10 +258,14 @@ def _masked_decode(q, k_cache, v_cache, allowed, scale):
 
 
 def _dense_decode(q, k_cache, v_cache, cache_seqlens, scale):
-    """Full attention of the newest token of each row over all of its stored tokens."""
+    """Full attention of the newest token of each row over all of its stored tokens (SDPA with a
+    length mask; GQA heads are not repeated)."""
     pos = torch.arange(k_cache.shape[1], device=q.device)
-    allowed = (pos[None, :] < cache_seqlens[:, None].long())[:, None, :].expand(-1, q.shape[1], -1)
-    return _masked_decode(q, k_cache, v_cache, allowed, scale)
+    allowed = (pos[None, :] < cache_seqlens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=allowed, scale=scale,
+        enable_gqa=True)
+    return out[:, :, 0]
 
 
 def _decode_reference(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk, *,
