@@ -263,3 +263,20 @@ def test_beam_search_and_several_samples_per_prompt():
     want = model.generate(prompt[None], use_cache=False, **kw)
     torch.manual_seed(1)
     assert model.generate(prompt[None], cache=MoBACache(model.config), **kw).equal(want)
+
+
+def test_chunked_prefill_and_inference_mode():
+    """generate(prefill_chunk_size=...) (the later chunks enter a filled cache) and
+    torch.inference_mode give the uncached tokens; nothing is recorded for backward."""
+    model = make_model()
+    (prompt,) = prompts([50])
+    want = model.generate(prompt[None], use_cache=False, max_new_tokens=8, do_sample=False)
+    got = model.generate(prompt[None], cache=MoBACache(model.config), prefill_chunk_size=16, max_new_tokens=8,
+                         do_sample=False)
+    assert got.equal(want)
+    with torch.inference_mode():
+        assert model.generate(prompt[None], cache=MoBACache(model.config), max_new_tokens=8,
+                              do_sample=False).equal(want)
+    with torch.no_grad():
+        out = model(input_ids=prompt[None], cache=MoBACache(model.config))
+    assert out.logits.grad_fn is None

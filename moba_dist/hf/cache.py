@@ -37,6 +37,10 @@ through it). Block-sum updates are done here (``index_put_`` with accumulation, 
 :meth:`MoBACacheLayer.append`/``append_packed``) until ``moba_dist.decode.update_block_sums``
 lands.
 
+Prefill memory: a prompt into an empty cache runs as one ``moba_attn_varlen`` call per layer
+(its documented workspace). ``generate(prefill_chunk_size=...)`` bounds memory exactly, but
+every chunk after the first enters a filled cache and is attended token by token (slow).
+
 Not supported: ``crop`` (assisted generation, DoLa), offloading, ``torch.compile`` of decode
 (``is_compileable`` is False), context-parallel decode (the hook is
 :func:`decode_attention`, see there).
