@@ -98,3 +98,58 @@ def test_train_full_attention_data_parallel(tmp_path):
     summary, _ = train("--steps", "2", "--cp", "1", "--attn", "full", "--out-dir", str(tmp_path))
     assert summary["dp"] == 2 and summary["cp"] == 1 and summary["attn"] == "full"
     assert (tmp_path / "train_curves.png").exists()
+
+
+def test_generate_script_on_train_checkpoints(tmp_path):
+    """train.py (one process, a few steps, MoBA and full attention) -> generate.py on both
+    checkpoints: the weights load exactly, answers equal the uncached forward's, outputs written."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import generate as gen
+
+    small = ["--seq-len", "64", "--batch", "4", "--layers", "1", "--moba-chunk", "8", "--steps", "3",
+             "--eval-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    ckpts = {}
+    for attn in ("moba", "full"):
+        ckpts[attn] = tmp_path / f"ckpt_{attn}"
+        cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), *TINY, *small, "--attn", attn,
+               "--out-dir", str(tmp_path / f"train_{attn}"), "--ckpt-dir", str(ckpts[attn])]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # Weights: exactly those saved (DCP converted to a torch.save file independently).
+    model, settings, label = gen.load_checkpoint(str(ckpts["moba"]), torch.device("cpu"), torch.float32)
+    assert label == "moba 8/2" and settings["seq_len"] == 64
+    saved = load_checkpoint(str(ckpts["moba"] / "step_0000003"), tmp_path)["model"]
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, saved["lm." + name]), name
+
+    # Answers by cached generation equal the argmax of the uncached forward on the same tokens.
+    task = gen.task_of(settings, 256)
+    ids, _, _ = gen.make_batch(task, 2 * 256, seed=0, split="eval", dp_rank=0, step=0)
+    ids = ids.view(2, 256)
+    got = gen.answer_by_generation(model, ids, task.n_queries)
+    q0 = 256 - 2 * task.n_queries
+    seq = ids.clone()
+    seq[:, q0 + 1::2] = got  # the model's own answers fed back, as in generation
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=seq[i:i + 1], use_cache=False).logits for i in range(2)])
+    assert torch.equal(logits[:, q0::2].argmax(-1), got)
+
+    out = tmp_path / "gen"
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "generate.py"), "--ckpt", str(ckpts["moba"]),
+           "--ckpt", str(ckpts["full"]), "--length-factors", "1,4", "--sequences", "4", "--batch", "2",
+           "--out-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["label"] for r in summary["results"]] == ["moba 8/2", "full"]
+    for r in summary["results"]:
+        assert [x["length"] for x in r["rows"]] == [64, 256]
+        assert all(0.0 <= x["accuracy"] <= 1.0 and x["answers"] == 8 for x in r["rows"])
+    assert json.loads((out / "generate_results.json").read_text()) == summary
+    assert (out / "generate_results.md").read_text().startswith("| model |")
+    assert (out / "generate_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

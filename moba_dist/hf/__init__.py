@@ -11,6 +11,16 @@ sharding of a batch with its loss.
         loss = model(**inputs).loss        # this rank's share of the global mean loss
         loss.backward()                    # parameter grads: sum them over cp_group
 
+Generation (one process): pass the cache explicitly, ``generate()`` would build a DynamicCache::
+
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=32,
+                         cache=moba_dist.hf.MoBACache(model.config))
+
+:class:`MoBACache` stores each row's real tokens (left padding is neither stored nor
+attended) and the float64 block key sums of the MoBA layers; prefill runs ``moba_attn_varlen``
+over the unpadded rows, each decode step is exactly row ``t`` of the training-time MoBA (see
+``moba_dist/hf/cache.py``).
+
 The model config carries the MoBA settings (:func:`moba_config`): ``moba_chunk_size``,
 ``moba_topk``, optional ``moba_full_attention_layers`` / ``moba_all_full``.
 
@@ -25,23 +35,35 @@ the alternative.) Pass the CP sub-group as ``group``; nothing here uses the defa
 
 Supported inside ``context_parallel``: token ids through :meth:`ContextParallel.shard` (a
 ``[B, S]`` batch becomes one packed row), causal decoder attention without padding masks,
-attention dropout, sliding windows or KV caches; at least one token per rank.
+attention dropout, sliding windows or KV caches (a MoBACache raises NotImplementedError there:
+context-parallel decode is not wired in yet); at least one token per rank.
 
 Importing this package does not import transformers; :func:`register` does.
 """
 
 from __future__ import annotations
 
-from .attention import moba_config, moba_dist_attention, padding_free_mask
+from .attention import PaddingMask, moba_config, moba_dist_attention, padding_free_mask
 from .context import ContextParallel, active_context, context_parallel
 from .packing import cu_seqlens_from_position_ids, shift_labels, slice_offsets
 
 ATTN_IMPLEMENTATION = "moba_dist"
 
 
+def __getattr__(name: str):
+    # MoBACache subclasses transformers' Cache: imported on first use, so that importing this
+    # package still does not import transformers.
+    if name in ("MoBACache", "MoBACacheLayer"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def register(name: str = ATTN_IMPLEMENTATION) -> None:
-    """Register :func:`moba_dist_attention` (and its mask function, which refuses padding masks)
-    with HF transformers under ``name``, for ``attn_implementation=name``. Idempotent."""
+    """Register :func:`moba_dist_attention` (and its mask function, which hands a 2-D padding
+    mask to the layers: refused there unless a :class:`MoBACache` is in use) with HF
+    transformers under ``name``, for ``attn_implementation=name``. Idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(name, moba_dist_attention)
@@ -51,6 +73,9 @@ def register(name: str = ATTN_IMPLEMENTATION) -> None:
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ContextParallel",
+    "MoBACache",
+    "MoBACacheLayer",
+    "PaddingMask",
     "active_context",
     "context_parallel",
     "cu_seqlens_from_position_ids",

@@ -1,0 +1,313 @@
+"""``MoBACache``: the KV cache of ``attn_implementation="moba_dist"`` for HF ``generate()``.
+
+    cache = moba_dist.hf.MoBACache(model.config)
+    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32)
+
+``generate()`` does not pick this cache by itself: it builds a ``DynamicCache`` unless one is
+passed, and transformers 5 has no hook for an attention implementation to choose its own cache
+class. Pass ``cache=MoBACache(model.config)`` (the older name ``past_key_values=`` works as well
+until transformers removes it). A ``DynamicCache`` with ``"moba_dist"`` raises at the first
+decode step with a message saying so.
+
+Layout, per layer (:class:`MoBACacheLayer`):
+
+* ``keys``, ``values``: ``[B, capacity, Hkv, D]`` in the model dtype, token-major as
+  ``flash_attn_with_kvcache`` and :func:`moba_dist.decode.moba_decode` take them. Row ``b``
+  holds the *real* tokens of its sequence only, from position 0: left padding (``attention_mask``
+  zeros) is never stored and never attended. ``capacity`` grows in steps of ``grow_tokens``
+  (a multiple of the block size), or is fixed up front with ``max_cache_len``.
+* ``seqlens``: int32 ``[B]`` on the device, tokens stored per row.
+* ``block_sums`` (MoBA layers only): float64 ``[B, capacity / chunk, Hkv, D]``, the running sum
+  of each block's keys per kv head, updated as keys are appended, so the gate never re-reads old
+  keys. Entry ``j`` is complete once ``seqlens > (j + 1) * chunk - 1``; the decode gate only
+  reads blocks before the newest token's own, which are complete. float64 sums are exact for
+  bf16/fp16 keys, so they equal bitwise the sums the training-time gate computes
+  (``moba_dist.gating.block_part_sums``) and the selection is the training selection.
+
+How the pieces meet: HF's attention module calls ``cache.update(k, v, layer_idx)`` before its
+attention function, but without the padding mask. :meth:`MoBACacheLayer.update` therefore only
+counts the new columns and returns the new ``k, v`` tagged with the layer; the ``"moba_dist"``
+attention function (``moba_dist/hf/attention.py``), which receives the mask, then stores the
+real tokens and computes attention (prefill: :func:`moba_dist.moba_attn_varlen` over the
+unpadded rows; decode: :func:`decode_attention`). The cache is meant for that attention
+function only; another implementation would see the new tokens alone.
+
+The cache is for inference: it stores detached keys and values (no gradient reaches past tokens
+through it). Block-sum updates are done here (``index_put_`` with accumulation, in
+:meth:`MoBACacheLayer.append`/``append_packed``) until ``moba_dist.decode.update_block_sums``
+lands.
+
+Prefill memory: a prompt into an empty cache runs as one ``moba_attn_varlen`` call per layer
+(its documented workspace). ``generate(prefill_chunk_size=...)`` bounds memory exactly, but
+every chunk after the first enters a filled cache and is attended token by token (slow).
+
+Not supported: ``crop`` (assisted generation, DoLa), offloading, ``torch.compile`` of decode
+(``is_compileable`` is False), context-parallel decode (the hook is
+:func:`decode_attention`, see there).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..config import MoBAConfig
+from ..gating import SUM_DTYPE, gate_scores, topk_lowest_index_ties
+from .attention import CACHE_TAG as _TAG
+from .attention import moba_config
+
+
+def cache_layer_of(key: torch.Tensor) -> MoBACacheLayer | None:
+    """The :class:`MoBACacheLayer` that returned ``key`` from ``update``, or None."""
+    return getattr(key, _TAG, None)
+
+
+class MoBACacheLayer(CacheLayerMixin):
+    """One layer of :class:`MoBACache` (layout in the module docstring).
+
+    Args:
+        chunk_size: MoBA block size of the model.
+        full: exact causal attention in this layer (hybrid schedule): no block sums kept.
+        grow_tokens: capacity step in tokens (rounded up to a multiple of ``chunk_size``).
+        max_cache_len: preallocate this many tokens per row at the first update (grown beyond
+            it by ``grow_tokens`` if ever exceeded).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, chunk_size: int, full: bool, grow_tokens: int = 4096,
+                 max_cache_len: int | None = None):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.full = full
+        self.grow_tokens = -(-max(grow_tokens, 1) // chunk_size) * chunk_size
+        self.max_cache_len = max_cache_len
+        self.columns = 0  # input columns seen, padding included (HF's notion of the cache length)
+        self.seqlens: torch.Tensor | None = None
+        self.block_sums: torch.Tensor | None = None
+
+    # -- HF Cache API --------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hkv, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = torch.zeros(b, 0, hkv, d, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(b, 0, hkv, value_states.shape[-1], dtype=value_states.dtype,
+                                  device=self.device)
+        self.seqlens = torch.zeros(b, dtype=torch.int32, device=self.device)
+        if not self.full:
+            self.block_sums = torch.zeros(b, 0, hkv, d, dtype=SUM_DTYPE, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Count ``S`` new columns of ``key_states [B, Hkv, S, D]`` and return ``(key_states,
+        value_states)`` tagged with this layer; the attention function stores the real ones
+        (:meth:`append`, :meth:`append_packed`)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"MoBACache: batch {key_states.shape[0]}, cache holds {self.keys.shape[0]} rows")
+        self.columns += key_states.shape[2]
+        self._reserve(self.columns)
+        k, v = key_states.view(key_states.shape), value_states.view(value_states.shape)
+        setattr(k, _TAG, self)
+        setattr(v, _TAG, self)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.seqlens = self.block_sums = None
+        self.columns = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MoBACache cannot be cropped (assisted generation and DoLa are not "
+                                  "supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "seqlens", "block_sums"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
+
+    # -- storage -------------------------------------------------------------------------------
+
+    def _select(self, idx: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "seqlens", "block_sums"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.index_select(0, idx.to(t.device)))
+
+    def _reserve(self, tokens: int) -> None:
+        """Grow ``keys``/``values``/``block_sums`` to hold ``tokens`` per row (an upper bound on
+        every row's length, known on the host: the columns seen), copying once per step."""
+        have = self.keys.shape[1]
+        if tokens <= have:
+            return
+        want = max(tokens, self.max_cache_len or 0) if have == 0 else tokens
+        cap = -(-want // self.grow_tokens) * self.grow_tokens
+
+        def grown(t: torch.Tensor, n: int) -> torch.Tensor:
+            out = t.new_zeros(t.shape[0], n, *t.shape[2:])  # zeros: unwritten slots stay finite
+            out[:, :t.shape[1]] = t
+            return out
+
+        self.keys, self.values = grown(self.keys, cap), grown(self.values, cap)
+        if self.block_sums is not None:
+            self.block_sums = grown(self.block_sums, cap // self.chunk_size)
+
+    def append_packed(self, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store packed tokens ``k, v [n, Hkv, D]`` at ``(row[i], pos[i])`` (int64 device ``[n]``;
+        the prefill of an empty cache) and add them to their blocks' sums. ``seqlens`` must be
+        set by the caller."""
+        k, v = k.detach(), v.detach()
+        self.keys[row, pos] = k.to(self.keys.dtype)
+        self.values[row, pos] = v.to(self.values.dtype)
+        if self.block_sums is not None:
+            self.block_sums.index_put_((row, pos // self.chunk_size), k.to(SUM_DTYPE), accumulate=True)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Append one token per row, ``k, v [B, Hkv, D]``, at position ``seqlens[b]``; rows where
+        ``real`` (bool ``[B]`` or None: all) is False keep their length, so the slot is
+        overwritten by the next real token. No host sync."""
+        k, v = k.detach(), v.detach()
+        rows = torch.arange(k.shape[0], device=k.device)
+        pos = self.seqlens.long()
+        self.keys[rows, pos] = k.to(self.keys.dtype)
+        self.values[rows, pos] = v.to(self.values.dtype)
+        if self.block_sums is not None:
+            add = k.to(SUM_DTYPE)
+            if real is not None:
+                add = add * real[:, None, None]
+            self.block_sums.index_put_((rows, pos // self.chunk_size), add, accumulate=True)
+        self.seqlens += 1 if real is None else real.to(torch.int32)
+
+
+class MoBACache(Cache):
+    """KV cache for ``attn_implementation="moba_dist"`` models: one :class:`MoBACacheLayer` per
+    decoder layer, following the model's hybrid schedule (``moba_full_attention_layers``).
+
+    Args:
+        config: the model config (``moba_chunk_size``, ``moba_topk``, ...; a composite config's
+            text config is used).
+        grow_tokens: capacity step per row in tokens (default 4096).
+        max_cache_len: tokens per row to allocate at the first update (prompt plus new tokens).
+            Set it for long contexts: each regrowth copies the whole cache once and briefly
+            holds the old and new buffers together.
+
+    Pass it to ``generate(..., cache=MoBACache(model.config))``; see the module docstring.
+    """
+
+    def __init__(self, config, grow_tokens: int = 4096, max_cache_len: int | None = None):
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        moba: MoBAConfig = moba_config(text)
+        layers = [MoBACacheLayer(moba.chunk_size, moba.is_full(i), grow_tokens, max_cache_len)
+                  for i in range(text.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.moba = moba
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention over the cache
+
+
+def decode_attention(layer: MoBACacheLayer, moba: MoBAConfig, q: torch.Tensor,
+                     softmax_scale: float | None) -> torch.Tensor:
+    """Attention of one new query per row, ``q [B, Hq, D]``, over ``layer``'s cache (its newest
+    token already appended) -> ``[B, Hq, D]`` in q's dtype: MoBA decode, or exact attention over
+    every stored token for a full layer.
+
+    Context-parallel decode hook: with the cache sharded over ranks, this is the place to call
+    ``moba_dist.parallel.decode_cp.moba_decode_cp`` instead (not wired yet).
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    # A row with no token yet (its whole prompt padding, and a padding column now) attends to the
+    # zero slot 0: a finite, unused output, instead of a softmax over nothing.
+    seqlens = layer.seqlens.clamp(min=1)
+    if layer.full:
+        return _dense_decode(q, layer.keys, layer.values, seqlens, scale)
+    return moba_decode(q, layer.keys, layer.values, seqlens, layer.block_sums, moba.chunk_size, moba.topk,
+                       softmax_scale=scale)
+
+
+def _masked_decode(q, k_cache, v_cache, allowed, scale):
+    """Softmax attention of ``q [B, Hq, D]`` over ``k_cache, v_cache [B, L, Hkv, D]`` where
+    ``allowed [B, Hq, L]``; float64 accumulation for float64 inputs, float32 otherwise."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, hq, _ = q.shape
+    g = hq // k_cache.shape[2]
+    k = k_cache.to(acc).repeat_interleave(g, dim=2)  # [B, L, Hq, D]
+    v = v_cache.to(acc).repeat_interleave(g, dim=2)
+    s = torch.einsum("bhd,blhd->bhl", q.to(acc), k) * scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)
+
+
+def _dense_decode(q, k_cache, v_cache, cache_seqlens, scale):
+    """Full attention of the newest token of each row over all of its stored tokens (SDPA with a
+    length mask; GQA heads are not repeated)."""
+    pos = torch.arange(k_cache.shape[1], device=q.device)
+    allowed = (pos[None, :] < cache_seqlens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=allowed, scale=scale,
+        enable_gqa=True)
+    return out[:, :, 0]
+
+
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk, *,
+                      softmax_scale=None):
+    """Pure-PyTorch MoBA decode with the contract of ``moba_dist.decode.moba_decode`` (a stand-in
+    until that lands): row ``b`` holds positions ``0 .. cache_seqlens[b] - 1``, the newest token
+    ``t = cache_seqlens[b] - 1`` scores the complete blocks before its own by ``<q, mean(K_j)>``
+    (means from the float64 ``block_sums``, rounded once to the gate dtype; the same fixed-order
+    scores and lowest-index tie rule as the training gate), keeps the top ``topk - 1`` and
+    attends to them plus its own block up to itself. Dense over the cache: one masked softmax
+    of ``[B, Hq, L]`` per step, and one host sync per row for the gate."""
+    b, hq, d = q.shape
+    chunk = moba_chunk_size
+    hkv = k_cache.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    own = (cache_seqlens.long() - 1) // chunk  # [B] each newest token's block
+    length = k_cache.shape[1]
+    pos_block = torch.arange(length, device=q.device) // chunk
+    chosen = torch.zeros(b, hq, block_sums.shape[1], dtype=torch.bool, device=q.device)
+    chosen[torch.arange(b), :, own] = True
+    for row, n_past in enumerate(own.tolist()):
+        kk = min(moba_topk - 1, n_past)
+        if kk <= 0:
+            continue
+        means = (block_sums[row, :n_past] / chunk).to(gate_dtype)  # [n_past, Hkv, D]
+        qt = q[row].to(gate_dtype).view(1, hkv, hq // hkv, d)
+        s = gate_scores(qt, means).reshape(hq, n_past)
+        idx = topk_lowest_index_ties(s, torch.ones_like(s, dtype=torch.bool), kk)
+        chosen[row].scatter_(-1, idx, True)
+    allowed = chosen.gather(-1, pos_block.clamp(max=chosen.shape[-1] - 1).expand(b, hq, -1))
+    allowed &= (torch.arange(length, device=q.device) < cache_seqlens[:, None].long())[:, None, :]
+    return _masked_decode(q, k_cache, v_cache, allowed, scale)
+
+
+# The decode kernel. moba_dist.decode.moba_decode (branch infer-core) has this signature and
+# contract; when it is merged, this line becomes `from ..decode import moba_decode`.
+moba_decode = _decode_reference
+
+
+__all__ = ["MoBACache", "MoBACacheLayer", "cache_layer_of", "decode_attention"]
