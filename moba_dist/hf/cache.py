@@ -52,7 +52,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import MoBAConfig
-from ..gating import SUM_DTYPE, gate_scores, topk_lowest_index_ties
+from ..gating import SUM_DTYPE
 from .attention import CACHE_TAG as _TAG
 from .attention import moba_config
 
@@ -248,19 +248,6 @@ def decode_attention(layer: MoBACacheLayer, moba: MoBAConfig, q: torch.Tensor,
                        softmax_scale=scale)
 
 
-def _masked_decode(q, k_cache, v_cache, allowed, scale):
-    """Softmax attention of ``q [B, Hq, D]`` over ``k_cache, v_cache [B, L, Hkv, D]`` where
-    ``allowed [B, Hq, L]``; float64 accumulation for float64 inputs, float32 otherwise."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    b, hq, _ = q.shape
-    g = hq // k_cache.shape[2]
-    k = k_cache.to(acc).repeat_interleave(g, dim=2)  # [B, L, Hq, D]
-    v = v_cache.to(acc).repeat_interleave(g, dim=2)
-    s = torch.einsum("bhd,blhd->bhl", q.to(acc), k) * scale
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)
-
-
 def _dense_decode(q, k_cache, v_cache, cache_seqlens, scale):
     """Full attention of the newest token of each row over all of its stored tokens (SDPA with a
     length mask; GQA heads are not repeated)."""
@@ -272,42 +259,17 @@ def _dense_decode(q, k_cache, v_cache, cache_seqlens, scale):
     return out[:, :, 0]
 
 
-def _decode_reference(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk, *,
-                      softmax_scale=None):
-    """Pure-PyTorch MoBA decode with the contract of ``moba_dist.decode.moba_decode`` (a stand-in
-    until that lands): row ``b`` holds positions ``0 .. cache_seqlens[b] - 1``, the newest token
-    ``t = cache_seqlens[b] - 1`` scores the complete blocks before its own by ``<q, mean(K_j)>``
-    (means from the float64 ``block_sums``, rounded once to the gate dtype; the same fixed-order
-    scores and lowest-index tie rule as the training gate), keeps the top ``topk - 1`` and
-    attends to them plus its own block up to itself. Dense over the cache: one masked softmax
-    of ``[B, Hq, L]`` per step, and one host sync per row for the gate."""
-    b, hq, d = q.shape
-    chunk = moba_chunk_size
-    hkv = k_cache.shape[2]
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    gate_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    own = (cache_seqlens.long() - 1) // chunk  # [B] each newest token's block
-    length = k_cache.shape[1]
-    pos_block = torch.arange(length, device=q.device) // chunk
-    chosen = torch.zeros(b, hq, block_sums.shape[1], dtype=torch.bool, device=q.device)
-    chosen[torch.arange(b), :, own] = True
-    for row, n_past in enumerate(own.tolist()):
-        kk = min(moba_topk - 1, n_past)
-        if kk <= 0:
-            continue
-        means = (block_sums[row, :n_past] / chunk).to(gate_dtype)  # [n_past, Hkv, D]
-        qt = q[row].to(gate_dtype).view(1, hkv, hq // hkv, d)
-        s = gate_scores(qt, means).reshape(hq, n_past)
-        idx = topk_lowest_index_ties(s, torch.ones_like(s, dtype=torch.bool), kk)
-        chosen[row].scatter_(-1, idx, True)
-    allowed = chosen.gather(-1, pos_block.clamp(max=chosen.shape[-1] - 1).expand(b, hq, -1))
-    allowed &= (torch.arange(length, device=q.device) < cache_seqlens[:, None].long())[:, None, :]
-    return _masked_decode(q, k_cache, v_cache, allowed, scale)
+def moba_decode(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk, *,
+                softmax_scale=None):
+    """MoBA decode over the cache: the Triton kernel on CUDA for bf16/fp16 (three launches, no
+    host sync, K/V read in place), the pure-PyTorch :func:`moba_dist.decode.moba_decode`
+    elsewhere. Both select blocks exactly as the training gate of that device does."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from ..kernels.triton_decode import moba_decode_triton
 
+        return moba_decode_triton(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size,
+                                  moba_topk, softmax_scale=softmax_scale)
+    from ..decode import moba_decode as decode_torch
 
-# The decode kernel. moba_dist.decode.moba_decode (branch infer-core) has this signature and
-# contract; when it is merged, this line becomes `from ..decode import moba_decode`.
-moba_decode = _decode_reference
-
-
-__all__ = ["MoBACache", "MoBACacheLayer", "cache_layer_of", "decode_attention"]
+    return decode_torch(q, k_cache, v_cache, cache_seqlens, block_sums, moba_chunk_size, moba_topk,
+                        softmax_scale=softmax_scale)
