@@ -254,21 +254,7 @@ class MoBACore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, meta: CoreMeta):
-        be, scale = meta.backend, meta.softmax_scale
-        n, hq, _ = q.shape
-        with record_function("moba.fetch.start"):
-            kv_hm = head_major(k, v)
-            pending = meta.fetch.start(kv_hm)  # in flight while the self part runs
-        with record_function("moba.self"):
-            if n:
-                out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self,
-                                      meta.max_self, scale, True)
-            else:
-                out, lse = torch.zeros_like(q), q.new_zeros(hq, 0, dtype=accum_dtype(q.dtype))
-        with record_function("moba.fetch.wait"):
-            recv = pending.wait()
-        with record_function("moba.selected"):
-            out, lse = _selected_forward(q, recv, kv_hm, out, lse, meta)
+        out, lse, recv = core_forward(q, k, v, meta)
         ctx.meta = meta
         kept = (recv,) if meta.keep_fetched else ()
         ctx.save_for_backward(q, k, v, out, lse, *kept)
@@ -276,35 +262,62 @@ class MoBACore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        meta = ctx.meta
         q, k, v, out, lse, *kept = ctx.saved_tensors
-        be, scale = meta.backend, meta.softmax_scale
-        n = q.shape[0]
-        dout = dout.contiguous()
-        with record_function("moba.bwd.fetch.start"):
-            kv_hm = head_major(k, v)
-            pending = _Ready(kept[0]) if kept else meta.fetch.start(kv_hm, "kv_fetch.refetch")
-        with record_function("moba.bwd.self"):
-            if n:
-                dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
-                                         meta.max_self, meta.max_self, scale, True)
-            else:
-                dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        with record_function("moba.bwd.fetch.wait"):
-            recv = pending.wait()
-        with record_function("moba.bwd.selected"):
-            dq, dk_pool, dv_pool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
-        del kv_hm, recv, kept
-        with record_function("moba.bwd.return_grads"):
-            n_recv = dk_pool.shape[0] - k.shape[1] * n
-            dk_loc, dv_loc = meta.fetch.return_grads(dk_pool[:n_recv], dv_pool[:n_recv], dk_pool[n_recv:],
-                                                     dv_pool[n_recv:])
-        # Head-major [Hkv * n, D] -> [n, Hkv, D] views, added in place: one rounding of the sum of
-        # the self part's and the selected part's gradients, no float32 copy of either.
-        hkv, d = k.shape[1], k.shape[-1]
-        dk = dk.add_(dk_loc.view(hkv, n, d).transpose(0, 1))
-        dv = dv.add_(dv_loc.view(hkv, n, d).transpose(0, 1))
-        return dq.to(q.dtype), dk, dv, None
+        dq, dk, dv = core_backward(dout, q, k, v, out, lse, ctx.meta, kept[0] if kept else None)
+        return dq, dk, dv, None
+
+
+def core_forward(q, k, v, meta: CoreMeta):
+    """Forward of :class:`MoBACore` without autograd: ``(out [n, Hq, D], lse [Hq, n], recv)``,
+    ``recv`` the fetched K/V rows (what ``keep_fetched`` keeps for backward)."""
+    be, scale = meta.backend, meta.softmax_scale
+    n, hq, _ = q.shape
+    with record_function("moba.fetch.start"):
+        kv_hm = head_major(k, v)
+        pending = meta.fetch.start(kv_hm)  # in flight while the self part runs
+    with record_function("moba.self"):
+        if n:
+            out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self,
+                                  meta.max_self, scale, True)
+        else:
+            out, lse = torch.zeros_like(q), q.new_zeros(hq, 0, dtype=accum_dtype(q.dtype))
+    with record_function("moba.fetch.wait"):
+        recv = pending.wait()
+    with record_function("moba.selected"):
+        out, lse = _selected_forward(q, recv, kv_hm, out, lse, meta)
+    return out, lse, recv
+
+
+def core_backward(dout, q, k, v, out, lse, meta: CoreMeta, recv: torch.Tensor | None = None):
+    """Backward of :class:`MoBACore` given the forward's ``out, lse`` (and ``recv`` if kept;
+    otherwise the rows are fetched again): ``dq, dk, dv`` in the inputs' dtypes."""
+    be, scale = meta.backend, meta.softmax_scale
+    n = q.shape[0]
+    dout = dout.contiguous()
+    with record_function("moba.bwd.fetch.start"):
+        kv_hm = head_major(k, v)
+        pending = _Ready(recv) if recv is not None else meta.fetch.start(kv_hm, "kv_fetch.refetch")
+    with record_function("moba.bwd.self"):
+        if n:
+            dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
+                                     meta.max_self, meta.max_self, scale, True)
+        else:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    with record_function("moba.bwd.fetch.wait"):
+        recv = pending.wait()
+    with record_function("moba.bwd.selected"):
+        dq, dk_pool, dv_pool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
+    del kv_hm, recv
+    with record_function("moba.bwd.return_grads"):
+        n_recv = dk_pool.shape[0] - k.shape[1] * n
+        dk_loc, dv_loc = meta.fetch.return_grads(dk_pool[:n_recv], dv_pool[:n_recv], dk_pool[n_recv:],
+                                                 dv_pool[n_recv:])
+    # Head-major [Hkv * n, D] -> [n, Hkv, D] views, added in place: one rounding of the sum of
+    # the self part's and the selected part's gradients, no float32 copy of either.
+    hkv, d = k.shape[1], k.shape[-1]
+    dk = dk.add_(dk_loc.view(hkv, n, d).transpose(0, 1))
+    dv = dv.add_(dv_loc.view(hkv, n, d).transpose(0, 1))
+    return dq.to(q.dtype), dk, dv
 
 
 def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):

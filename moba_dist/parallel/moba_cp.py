@@ -129,6 +129,22 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
                   keep_fetched: bool | None = None) -> torch.Tensor:
     """MoBA output of the local slice. ``cu_seqlens``/``offsets`` are host int64 tensors, already
     brought to the host by the caller (host sync A)."""
+    meta, _, stats = moba_plan(q, k, v, cu_seqlens, offsets, chunk, topk, softmax_scale, comm, backend,
+                               keep_fetched)
+    out = MoBACore.apply(q, k, v, meta)
+    stats.bytes_sent = comm.sent if comm else {}
+    stats.bytes_received = comm.received if comm else {}
+    record(stats)
+    return out
+
+
+def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
+              softmax_scale: float, comm: Comm | None, backend: str | None,
+              keep_fetched: bool | None = None, sel: torch.Tensor | None = None):
+    """Gate (unless ``sel [n, Hq, topk - 1]``, an earlier gate's selection, is given) and plan:
+    returns ``(meta, sel, stats)``, ``meta`` the :class:`~moba_dist.core.CoreMeta` of
+    :func:`~moba_dist.core.core_forward`/``core_backward``. Collectives: the block-sum all-gather
+    (only when gating) and the selection-count all-gather (host sync B)."""
     world, rank = (comm.world, comm.rank) if comm else (1, 0)
     n, hq, d = q.shape
     hkv = k.shape[1]
@@ -144,24 +160,17 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
 
     # Gate: global block means, then each local query against its sequence's past blocks,
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
-    with record_function("moba.summaries"):
-        summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
-    with record_function("moba.gate"):
-        balanced = _gate_slices(sp, offsets) if comm is not None else None
-        if balanced is None:
-            sel = _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget)
-        else:
-            q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
-            sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget)
-            sel = move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
+    if sel is None:
+        sel = _select(q, k, sp, tables, offsets, comm, topk, budget, rank)
     kk = sel.shape[-1]
     if os.environ.get(RECORD_ENV, "0") == "1":
         stats.selection = sel.sort(-1).values
+    selection = sel
 
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
     with record_function("moba.counts"):
         head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
-        key = torch.where(sel >= 0, head_group * nblk + sel, hkv * nblk).flatten()
+        key = torch.where(sel >= 0, head_group * nblk + sel.long(), hkv * nblk).flatten()
         del sel
         counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
         counts.scatter_add_(0, key, torch.ones_like(key))
@@ -251,19 +260,29 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
             overlaps=bool(lp.prefix_len),
             workspace=budget,
         )
-    out = MoBACore.apply(q, k, v, meta)
-
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]
-    stats.bytes_sent = comm.sent if comm else {}
-    stats.bytes_received = comm.received if comm else {}
     stats.planned_fetch_bytes = fp.recv_rows * row_bytes
     stats.fetched_pairs = fp.recv_items
     stats.allgather_kv_pairs = hkv * int((other > 0).sum())
     stats.allgather_kv_bytes = int(other.sum()) * hkv * row_bytes
     stats.selected_blocks_per_query = 1.0 + num_pairs / max(n * hq, 1)
-    record(stats)
-    return out
+    return meta, selection, stats
 
 
-__all__ = ["moba_pipeline"]
+def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int, rank: int) -> torch.Tensor:
+    """The gate: global block means, then each local query against its sequence's past blocks,
+    on work-balanced slices when the gate is heavy and the contiguous slices are uneven."""
+    layout, lp = sp.layout, sp.ranks[rank]
+    with record_function("moba.summaries"):
+        summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
+    with record_function("moba.gate"):
+        balanced = _gate_slices(sp, offsets) if comm is not None else None
+        if balanced is None:
+            return _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget)
+        q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
+        sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget)
+        return move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
+
+
+__all__ = ["moba_pipeline", "moba_plan"]
