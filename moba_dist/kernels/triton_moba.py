@@ -134,7 +134,9 @@ def _gather_tile(order_ptr, seg_pairs_ptr, seg_tiles_ptr, t, n_seg,
     p0 = tl.load(seg_pairs_ptr + seg) + (t - tl.load(seg_tiles_ptr + seg)) * BLOCK_M
     p1 = tl.load(seg_pairs_ptr + seg + 1)
     offs = p0 + tl.arange(0, BLOCK_M)
-    valid = (offs < p1) & live
+    # offs >= p0, so a dead tile is all invalid. (Not ``(offs < p1) & live``: Triton 3.9's
+    # interpreter gives int32, not a mask, for a block & a scalar bool.)
+    valid = offs < tl.where(live, p1, p0)
     pid = tl.load(order_ptr + offs, mask=valid, other=0)
     row = pid // S
     return seg, pid, row // HQ, row % HQ, valid
