@@ -28,8 +28,9 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for benchutil
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo, for moba_dist
+_SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _SCRIPTS)  # for benchutil
+sys.path.insert(1, os.path.dirname(_SCRIPTS))  # the repo, for moba_dist
 from benchutil import causal_flops, init_distributed, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402
