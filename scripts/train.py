@@ -106,8 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--intermediate", type=int)
     model.add_argument("--rope-theta", type=float)
     model.add_argument("--loss-chunk", type=int, help="rows per LM-head chunk of the loss")
+    for action in p._actions:  # --help shows what each preset sets
+        if action.dest in PRESETS["cpu"]:
+            values = ", ".join(f"{name}: {PRESETS[name][action.dest]}" for name in sorted(PRESETS))
+            action.help = f"{action.help or ''} (preset {values})".lstrip()
+            action.default = argparse.SUPPRESS if action.default is None else action.default
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
+        if not hasattr(args, key):
+            setattr(args, key, None)
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.resume and not args.ckpt_dir:

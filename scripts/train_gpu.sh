@@ -10,7 +10,7 @@
 # top-k 4: a query reads at most 256 keys, 1/16 of a held-out sequence.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source scripts/gpu_setup.sh
+source scripts/dev/gpu_setup.sh
 W=$(nvidia-smi -L | wc -l)
 SEQ=${SEQ:-4096}
 ARGS=(--preset gpu --seq-len "$SEQ" --min-seq-len 32 --batch 16 --pairs 4 --queries 4 --keys 4

@@ -166,13 +166,56 @@ def test_flash_attn_version_and_absence_are_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", pkg.flash_attn_interface)
     old = FlashAttnBackend()
     assert not old.installed
-    assert "flash-attn 2.6.3 is installed but moba_dist needs flash-attn >= 2.7" in old.why_not(
-        torch.device("cuda"), torch.bfloat16, 64)
-    pkg.__version__ = "2.7.4.post1"
-    assert FlashAttnBackend().installed
+    assert "flash-attn 2.6.3 is installed" in old.why_not(torch.device("cuda"), torch.bfloat16, 64)
+    assert "flash-attn>=2.7,<2.9" in old.why_not(torch.device("cuda"), torch.bfloat16, 64)
+    pkg.__version__ = "2.9.0"  # past the checked range: reported, and the automatic choice skips it
+    assert not FlashAttnBackend().installed
+    for ok in ("2.7.4.post1", "2.8.3"):
+        pkg.__version__ = ok
+        assert FlashAttnBackend().installed
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import raises ImportError
     gone = FlashAttnBackend()
     assert "flash-attn package does not import" in gone.why_not(torch.device("cuda"), torch.bfloat16, 64)
+
+
+def test_flash_attn_private_functions_called_by_keyword(monkeypatch):
+    """The adapter passes every argument after the tensors by name, so it runs against a stand-in
+    whose parameters after the tensors are keyword-only, named as in flash-attn 2.7/2.8."""
+    be_torch = kernels.TorchBackend()
+
+    def fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+            alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None, seqused_k=None):
+        out, lse = be_torch.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    softmax_scale, causal)
+        return out, lse, None, None
+
+    def bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+            alibi_slopes, deterministic, rng_state=None, zero_tensors=False):
+        assert dropout_p == 0.0 and (window_size_left, window_size_right, softcap) == (-1, -1, 0.0)
+        grads = be_torch.backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf.copy_(g)
+
+    pkg = types.ModuleType("flash_attn")
+    pkg.__version__ = "2.8.3"
+    fai = pkg.flash_attn_interface = types.ModuleType("flash_attn.flash_attn_interface")
+    fai._flash_attn_varlen_forward, fai._flash_attn_varlen_backward = fwd, bwd
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", fai)
+    be = FlashAttnBackend()
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(10, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    args = (cu, cu, 6, 6, 0.3, True)
+    out, lse = be.forward(q, k, v, *args)
+    want_out, want_lse = be_torch.forward(q, k, v, *args)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    got = be.backward(do, q, k, v, out, lse, *args)
+    for a, b in zip(got, be_torch.backward(do, q, k, v, out, lse, *args)):
+        assert torch.equal(a, b)
 
 
 def test_float32_on_cuda_warns_once(monkeypatch):
@@ -296,3 +339,13 @@ def errors_worker(rank, world):
 
 def test_errors_raise_on_every_rank_and_a_failing_rank_hangs_no_one():
     run_distributed(errors_worker, 2, timeout=120)
+
+
+def test_old_triton_is_named_with_the_minimum():
+    from moba_dist.kernels.triton_version import TRITON_MIN, require_triton
+
+    assert TRITON_MIN == (3, 4)
+    with pytest.raises(ImportError, match=r"need triton>=3\.4, found triton 3\.3\.1"):
+        require_triton("3.3.1")
+    for ok in ("3.4.0", "3.9.0", "3.10.0+git1234", "4.0.0"):
+        require_triton(ok)

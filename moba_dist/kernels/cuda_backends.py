@@ -22,7 +22,12 @@ import torch
 from .reduce import deterministic_mode
 
 _HALF = (torch.float16, torch.bfloat16)
-FLASH_ATTN_MIN_VERSION = (2, 7)  # the private varlen signatures called below are 2.7's
+# The private varlen functions called below (keyword arguments, names as in 2.7 and 2.8) change
+# between minor releases: a version outside [MIN, END) is reported as not installed, and the
+# automatic choice falls back to PyTorch's bundled FlashAttention-2 (``aten_flash``).
+FLASH_ATTN_MIN_VERSION = (2, 7)
+FLASH_ATTN_END_VERSION = (2, 9)  # first version not checked
+FLASH_ATTN_RANGE = "flash-attn>=2.7,<2.9"
 
 
 def _cuda_half_why_not(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -38,6 +43,17 @@ def _cuda_half_why_not(name: str, device: torch.device, dtype: torch.dtype, head
 def _major_minor(version: str) -> tuple[int, int] | None:
     found = re.match(r"\s*(\d+)\.(\d+)", version)
     return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def flash_attn_version_problem(version: str | None) -> str | None:
+    """Why flash-attn ``version`` cannot be used (``None``: it can; an unparsable version is
+    tried, as a source build may report one)."""
+    major_minor = _major_minor(str(version)) if version is not None else None
+    if major_minor is None or FLASH_ATTN_MIN_VERSION <= major_minor < FLASH_ATTN_END_VERSION:
+        return None
+    return (f"flash-attn {version} is installed but moba_dist calls its private varlen functions, "
+            f"checked for {FLASH_ATTN_RANGE}: pip install '{FLASH_ATTN_RANGE}' (the automatic "
+            "choice uses PyTorch's bundled FlashAttention-2, backend 'aten_flash', meanwhile)")
 
 
 def _empty_rows_to_neg_inf(lse: torch.Tensor) -> torch.Tensor:
@@ -99,19 +115,15 @@ class FlashAttnBackend:
             from flash_attn import flash_attn_interface as fai
         except Exception as exc:  # ImportError, or a binary built for another torch
             self._missing = (f"the flash-attn package does not import ({type(exc).__name__}: {exc}); "
-                             "install it with pip install 'flash-attn>=2.7' (or moba-dist[flash])")
+                             f"install it with pip install '{FLASH_ATTN_RANGE}' (or moba-dist[flash])")
             return
-        version = getattr(flash_attn, "__version__", None)
-        major_minor = _major_minor(str(version)) if version is not None else None
-        if major_minor is not None and major_minor < FLASH_ATTN_MIN_VERSION:
-            self._missing = (f"flash-attn {version} is installed but moba_dist needs flash-attn >= 2.7 "
-                             "(pip install -U 'flash-attn>=2.7')")
-            return
-        self._fai = fai
+        self._missing = flash_attn_version_problem(getattr(flash_attn, "__version__", None))
+        if self._missing is None:
+            self._fai = fai
 
     @property
     def installed(self) -> bool:
-        """Whether flash-attn (>= 2.7) imports (whatever the inputs)."""
+        """Whether a flash-attn in the checked range imports (whatever the inputs)."""
         return self._fai is not None
 
     def supports(self, device, dtype, head_dim):
@@ -124,17 +136,18 @@ class FlashAttnBackend:
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 softmax_scale, causal):
         out, lse, _, _ = self._fai._flash_attn_varlen_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale,
-            causal,
+            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
         )
         return out, _empty_rows_to_neg_inf(lse)
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # Positional, 2.7's order: ..., window left/right, softcap, alibi, deterministic, rng_state.
         self._fai._flash_attn_varlen_backward(
-            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k, 0.0, softmax_scale, causal, -1, -1, 0.0, None, deterministic_mode(), None,
+            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=0.0,
+            softmax_scale=softmax_scale, causal=causal, window_size_left=-1, window_size_right=-1,
+            softcap=0.0, alibi_slopes=None, deterministic=deterministic_mode(), rng_state=None,
         )
         return dq, dk, dv

@@ -66,7 +66,13 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
+
+from .triton_version import require_triton
+
+require_triton(triton.__version__)
+
+import triton.language as tl  # noqa: E402
+from triton import knobs  # noqa: E402
 
 _KEY_MIN = tl.constexpr(-(2**63))
 _KEY_MAX = tl.constexpr(2**63 - 1)
@@ -368,7 +374,7 @@ def gate_topk(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
             raise ValueError(f"{name}: on {t.device}, q on {q.device}")
     if summaries.device != q.device:
         raise ValueError(f"summaries: on {summaries.device}, q on {q.device}")
-    if q.device.type != "cuda" and not triton.knobs.runtime.interpret:
+    if q.device.type != "cuda" and not knobs.runtime.interpret:
         raise ValueError(f"q: on {q.device}; the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1")
     if nblocks >= MAX_BLOCKS:
         raise ValueError(f"summaries: {nblocks} blocks, at most {MAX_BLOCKS - 1} supported")

@@ -35,7 +35,7 @@ Pairs are processed in windows of consecutive queries so the partial buffers sta
 
 Use: ``core.py`` runs MoBA's selected part here for chunk <= 512 on CUDA (bf16/fp16; see
 ``core.use_fused_selected``). Tested against dense float64 references in Triton's CPU interpreter
-(CI) and on GPU (``-m gpu``); launch parameters measured with ``scripts/tune_triton_moba.py``.
+(CI) and on GPU (``-m gpu``); launch parameters measured with ``scripts/dev/tune_triton_moba.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
+
+from .triton_version import require_triton
+
+require_triton(triton.__version__)
+
+import triton.language as tl  # noqa: E402
+from triton import knobs  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 
@@ -69,7 +75,7 @@ class SelConfig:
     max_partial_bytes: int = 6 << 30
 
 
-DEFAULT_CONFIG = SelConfig()  # what the pipeline uses (scripts/tune_triton_moba.py measures others)
+DEFAULT_CONFIG = SelConfig()  # what the pipeline uses (scripts/dev/tune_triton_moba.py measures others)
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,9 @@ def _gather_tile(order_ptr, seg_pairs_ptr, seg_tiles_ptr, t, n_seg,
     p0 = tl.load(seg_pairs_ptr + seg) + (t - tl.load(seg_tiles_ptr + seg)) * BLOCK_M
     p1 = tl.load(seg_pairs_ptr + seg + 1)
     offs = p0 + tl.arange(0, BLOCK_M)
-    valid = (offs < p1) & live
+    # offs >= p0, so a dead tile is all invalid. (Not ``(offs < p1) & live``: Triton 3.9's
+    # interpreter gives int32, not a mask, for a block & a scalar bool.)
+    valid = offs < tl.where(live, p1, p0)
     pid = tl.load(order_ptr + offs, mask=valid, other=0)
     row = pid // S
     return seg, pid, row // HQ, row % HQ, valid
@@ -451,7 +459,7 @@ def _check(q, k_pool, v_pool, seg_start, seg_len, sel, chunk):
         raise ValueError("seg_start, seg_len: expected two [nseg] tensors")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
-    if q.device.type != "cuda" and not triton.knobs.runtime.interpret:
+    if q.device.type != "cuda" and not knobs.runtime.interpret:
         raise ValueError(f"q: on {q.device}; the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1")
 
 

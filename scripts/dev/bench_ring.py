@@ -1,8 +1,8 @@
 """Ring full causal attention on W GPUs: our ring (two kernel backends) against ring-flash-attn's
 zigzag and llama3 algorithms, all through ``moba_dist.ring_attn_varlen_cp``.
 
-    torchrun --nproc-per-node 4 scripts/bench_ring.py [--sizes 131072,524288,1048576]
-    torchrun --nproc-per-node 2 scripts/bench_ring.py --cpu --sizes 256      # CPU/gloo smoke test
+    torchrun --nproc-per-node 4 scripts/dev/bench_ring.py [--sizes 131072,524288,1048576]
+    torchrun --nproc-per-node 2 scripts/dev/bench_ring.py --cpu --sizes 256      # CPU/gloo smoke test
 
 One sequence per size, Hq 16, Hkv 4, D 128, bf16 (float32 and the torch backend with --cpu).
 Every rank holds a contiguous slice of T/W tokens; each implementation relays it out to its own
@@ -28,8 +28,9 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for moba_dist
+_SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _SCRIPTS)  # for benchutil
+sys.path.insert(1, os.path.dirname(_SCRIPTS))  # the repo, for moba_dist
 from benchutil import causal_flops, init_distributed, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402

@@ -1,6 +1,6 @@
 """Launch configurations of the fused selected-part kernel, measured in the whole pipeline.
 
-    python scripts/tune_triton_moba.py --size 524288 --seqs 2 --chunk 128 --topk 8
+    python scripts/dev/tune_triton_moba.py --size 524288 --seqs 2 --chunk 128 --topk 8
 
 For each configuration: ``moba_attn_varlen`` forward and backward times (CUDA events, median of
 ``--iters`` after a warm-up), peak memory, and the largest difference of the output and
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from moba_dist import moba_attn_varlen  # noqa: E402
 from moba_dist.kernels import triton_moba as tm  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Single-GPU forward+backward time and peak memory: moba_attn_varlen vs full causal attention.
 
-    python scripts/bench_moba.py [--sizes 32768,131072,524288] [--configs 4096:12,128:8] [--out FILE]
-    python scripts/bench_moba.py --cpu --sizes 512 --configs 64:3   # smoke test, no GPU
+    python scripts/dev/bench_moba.py [--sizes 32768,131072,524288] [--configs 4096:12,128:8] [--out FILE]
+    python scripts/dev/bench_moba.py --cpu --sizes 512 --configs 64:3   # smoke test, no GPU
 
 One sequence of T tokens, Hq 16, Hkv 4, D 128, bf16. Full attention: cuDNN SDPA (K/V expanded to
 Hq heads, as it has no GQA) and FlashAttention-2 (PyTorch's bundled kernel, and the flash-attn
@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for benchutil
 from benchutil import causal_flops, moba_flops, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402

@@ -2,8 +2,8 @@
 # One-GPU device run for the fused selected-part kernel: GPU tests, then the bench of
 # moba_attn_varlen (two 512K sequences) with the fused Triton kernel and with the varlen backend.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-source scripts/gpu_setup.sh
+cd "$(dirname "$0")/../.."
+source scripts/dev/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 240 python -m pytest -q -m gpu -x tests/test_triton_moba.py tests/test_fused_selected.py 2>&1 | tail -15 \
   | tee "$OUT/pytest.txt"

@@ -2,7 +2,7 @@
 bitwise the blocks the single-GPU call selects on the same inputs, and two runs give bitwise
 equal outputs and gradients.
 
-    torchrun --nproc-per-node 2 scripts/check_invariance.py --size 262144 --configs 128:8,4096:12
+    torchrun --nproc-per-node 2 scripts/dev/check_invariance.py --size 262144 --configs 128:8,4096:12
 
 One sequence, Hq 16, Hkv 4, D 128, bf16, random inputs. Every rank runs the single-GPU
 ``moba_attn_varlen`` on the whole sequence and compares the selection of its own slice with what

@@ -1,7 +1,7 @@
 """GPU check of moba_attn_varlen: bf16 on CUDA with each CUDA backend vs the float64 dense
 reference on the same inputs (issue: foundation GPU check).
 
-    python scripts/gpu_check.py [--total 16384] [--out FILE]
+    python scripts/dev/gpu_check.py [--total 16384] [--out FILE]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU check and micro-benchmark of the fused Triton gate + top-k (moba_dist/kernels/triton_gate.py).
 
-    python scripts/check_triton_gate.py [--out FILE] [--quick] [--only SUBSTRING ...]
+    python scripts/dev/check_triton_gate.py [--out FILE] [--quick] [--only SUBSTRING ...]
 
 Variants (``CONFIGS``): ``mma3-*`` score bf16 queries on tensor cores against the exact
 three-way bf16 split of the summaries; ``fma-*`` use the fp32 FMA chain on CUDA cores (the path of

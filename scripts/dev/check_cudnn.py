@@ -1,6 +1,6 @@
 """One-command GPU self-check and micro-benchmark of the cuDNN kernel backend.
 
-    PYTHONPATH=/tmp/site:$PWD python scripts/check_cudnn.py [--out FILE] [--skip-bench]
+    PYTHONPATH=/tmp/site:$PWD python scripts/dev/check_cudnn.py [--out FILE] [--skip-bench]
         [--skip-variants] [--sizes 32768,65536,131072] [--iters 5] [--variant mask=..,stats=..]
         [--backend-only]
 

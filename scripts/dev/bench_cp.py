@@ -1,8 +1,8 @@
 """Context-parallel MoBA on W GPUs: correctness against single-GPU moba_attn_varlen, then
 forward+backward time, peak memory and bytes fetched per rank.
 
-    torchrun --nproc-per-node 4 scripts/bench_cp.py [--check-size 262144] [--sizes 262144,1048576]
-    torchrun --nproc-per-node 2 scripts/bench_cp.py --cpu --check-size 512 --sizes 1024  # smoke
+    torchrun --nproc-per-node 4 scripts/dev/bench_cp.py [--check-size 262144] [--sizes 262144,1048576]
+    torchrun --nproc-per-node 2 scripts/dev/bench_cp.py --cpu --check-size 512 --sizes 1024  # smoke
 
 One sequence; Hq 16, Hkv 4, D 128, bf16; chunk 4096, topk 12 by default. Every rank draws the
 same full tensors from one seed and keeps its contiguous slice; for the check each rank also
@@ -22,7 +22,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts/, for benchutil
 from benchutil import init_distributed, moba_flops, time_fwd_bwd  # noqa: E402
 
 import moba_dist  # noqa: E402
