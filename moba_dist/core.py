@@ -346,9 +346,10 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     if meta.fused is not None:
         return _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
     pool = _pool(recv, kv_hm)
-    # A pool row is written by at most two segments (a selected block and the causal prefix
-    # that overlaps it), and two additions onto zero give the same result in either order, so
-    # the accumulating write below is deterministic; without a prefix it is a plain scatter.
+    # A pool row gets one gradient per batch that reads it: from each piece of a split segment
+    # and, where a causal prefix overlaps a selected block, from both. Batches add in order, and
+    # within one batch ``index_put_(accumulate=True)`` adds duplicates deterministically (CPU:
+    # in index order; CUDA: sorted), so the result does not vary from run to run.
     dpool = torch.zeros_like(pool)
     if meta.sel_batches:
         acc = accum_dtype(q.dtype)
@@ -364,7 +365,7 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
                 meta.softmax_scale, False)
             del k_b, v_b
             index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
-            dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=meta.overlaps)
+            dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
         dq = dq.view(q.shape)
     return dq, dpool[:, 0], dpool[:, 1]
 

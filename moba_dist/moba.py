@@ -62,13 +62,12 @@ def moba_attn_varlen(
     varlen backend on gathered (query, head) rows. ``$MOBA_DIST_SELECTED_KERNEL`` (``auto``,
     ``triton``, ``varlen``) overrides the choice; ``last_stats().selected_kernel`` says which ran.
 
-    Memory: besides inputs and output, peak extra memory is ``2 * T * Hkv * D`` for head-major
-    K/V and their segment-major copy, the selection (``T * Hq * (topk - 1)`` ints), one gating
-    tile of ``moba_dist.gating.GATE_TILE_ELEMS`` scores (x3 for its int64 keys) and: with the
-    fused kernel, float32 partial results of at most ``SelConfig.max_partial_bytes`` (6 GiB) at
-    a time; with the varlen backend, ``min(T * Hq * (topk - 1), P) * D`` elements for the gathered
-    rows and their partial outputs, where ``P`` is ``$MOBA_DIST_PAIR_BATCH`` (default 2**21 rows;
-    backward holds about three such buffers), plus ``T * Hq * D`` float32 for the running merge.
+    Memory: every transient buffer (gate tiles, gathered (query, head) rows and key segments,
+    partial outputs, the fused kernel's float32 partial windows, gradient batches) is sized from
+    one byte budget, by default the call's own ``q + k + v + out`` bytes
+    (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or ``set_workspace_bytes`` fix it).
+    Besides that: head-major K/V (``2 * T * Hkv * D``), the selection (``T * Hq * (topk - 1)``
+    int32) and, in backward, the gradients themselves (float32 ``dq`` on the varlen path).
     Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over memory-bounded
     tiles and batches.
 

@@ -8,7 +8,8 @@ Shapes: ``--seqs`` sequences of ``size`` tokens each, packed, split into W equal
 Hq 16, Hkv 4, D 128, bf16 (float32 on CPU), random inputs, upstream gradient randn. Each row is
 the median forward+backward time (CUDA events, after a warm-up), the peak memory (max over
 ranks), the memory kept for backward (growth of allocated memory across the forward, outputs
-included, max over ranks), the host syncs per call and the bytes fetched.
+included, max over ranks), the host syncs per call and the bytes fetched. ``--forward-only``
+times the forward alone under ``torch.no_grad`` instead (prefill; TFLOP/s then count the forward).
 
 Methods (rows): ``moba C/K`` (``moba_attn_varlen`` on one GPU, ``moba_attn_varlen_cp`` on W) for
 each ``--configs`` entry; anchors (``--anchors``): ``zigzag`` (ring-flash-attn zigzag) and
@@ -58,6 +59,8 @@ def parse():
     ap.add_argument("--head-dim", dest="d", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="time the forward alone under torch.no_grad (prefill); no gradients")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "bench_out"))
     return ap.parse_args()
@@ -88,8 +91,12 @@ def inputs(total: int, rank: int, world: int, a, dev, dtype):
     return [x.requires_grad_() for x in loc[:3]], loc[3]
 
 
-def measure(fn, xs, grad, iters: int, dev):
-    """Median ms of fwd+bwd, peak GiB, GiB kept across the forward (outputs included)."""
+def measure(fn, xs, grad, iters: int, dev, forward_only: bool = False):
+    """Median ms of fwd+bwd (or of the forward alone under ``torch.no_grad``, prefill), peak GiB,
+    GiB kept across the forward (outputs included)."""
+    if forward_only:
+        with torch.no_grad():
+            return measure(lambda *t: _Done(fn(*t)), xs, grad, iters, dev)
     cuda = dev.type == "cuda"
     times, kept = [], 0.0
     for i in range(iters + 1):
@@ -119,6 +126,16 @@ def measure(fn, xs, grad, iters: int, dev):
             times.append(ms)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else 0.0
     return sorted(times)[len(times) // 2], peak, kept
+
+
+class _Done:
+    """A forward's output standing in for a loss whose backward does nothing (prefill timing)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def backward(self, grad):
+        del self.out
 
 
 def reduce_max(vals, dev, world):
@@ -173,7 +190,7 @@ def meta(a, world, dev):
     return info
 
 
-def plot(rows, path):
+def plot(rows, path, forward_only=False):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -188,7 +205,7 @@ def plot(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("total tokens")
-    ax.set_ylabel("fwd+bwd ms")
+    ax.set_ylabel("forward ms (no_grad)" if forward_only else "fwd+bwd ms")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -204,6 +221,7 @@ def main():
     rows = []
 
     def add(method, tokens, ms, peak, kept, flops, syncs=float("nan"), fetched=float("nan")):
+        flops = flops / 3.5 if a.forward_only else flops  # the forward's share of fwd+bwd
         row = {"method": method, "world": world, "tokens": tokens, "ms": round(ms, 2),
                "tflops_per_gpu": round(flops / world / ms / 1e9, 1) if ms > 0 else 0.0,
                "peak_gib": round(peak, 2), "kept_gib": round(kept, 3), "host_syncs": syncs,
@@ -224,7 +242,7 @@ def main():
                 def fn(q, k, v, cu=cu, chunk=chunk, topk=topk):
                     return moba_dist.moba_attn_varlen_cp(q, k, v, cu, chunk, topk)
             try:
-                ms, peak, kept = measure(fn, xs, grad, a.iters, dev)
+                ms, peak, kept = measure(fn, xs, grad, a.iters, dev, a.forward_only)
                 st = moba_dist.last_stats()
                 ms, peak, kept, fetched = reduce_max([ms, peak, kept, st.bytes_received.get("kv_fetch", 0)],
                                                      dev, world)
@@ -255,7 +273,7 @@ def main():
             else:
                 continue
             try:
-                ms, peak, kept = measure(fn, xs, grad, max(1, a.iters - 1), dev)
+                ms, peak, kept = measure(fn, xs, grad, max(1, a.iters - 1), dev, a.forward_only)
                 ms, peak, kept = reduce_max([ms, peak, kept], dev, world)
                 add(name, total, ms, peak, kept, flops)
             except Exception as e:
@@ -280,7 +298,7 @@ def main():
                 f"{info['date']}\n`{info['command']}`\n\n" + "\n".join(table) + "\n")
         with open(os.path.join(a.out_dir, "results.md"), "w") as f:
             f.write(text)
-        plot(rows, os.path.join(a.out_dir, "bench.png"))
+        plot(rows, os.path.join(a.out_dir, "bench.png"), a.forward_only)
         print(text, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

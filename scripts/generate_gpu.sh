@@ -7,7 +7,7 @@
 #   bash scripts/generate_gpu.sh            (STEPS, SEQ override)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source scripts/gpu_setup.sh
+source scripts/dev/gpu_setup.sh
 python3 scripts/check_generate.py --out "$OUT/check_generate.json" 2>&1 | tail -3
 python3 scripts/check_generate.py --prompt 65536 --chunk 4096 --topk 12 --batch 1 --steps 16 \
   --out "$OUT/check_generate_4096.json" 2>&1 | tail -3

@@ -32,6 +32,7 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -89,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     p.add_argument("--memory-snapshot", default=None, metavar="PATH",
                    help="CUDA: record allocations during the last step, dump the snapshot to PATH "
-                        "(torch.cuda.memory._dump_snapshot format) and PATH.md (live at the peak, by site)")
+                        "(torch.cuda.memory._dump_snapshot format) and PATH.md (live at the peak, by site); "
+                        "that step is not timed")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this launch after step N (checkpointed) of the --steps schedule; --resume later")
     task = p.add_argument_group("task")
@@ -441,11 +443,15 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         loss = run.train_step(step)  # ends with a loss all-reduce: a sync point
         if snap:
-            write_memory_snapshot(args.memory_snapshot, snap_base, run.rank)
+            try:
+                write_memory_snapshot(args.memory_snapshot, snap_base, run.rank)
+            except Exception:  # a failed report must not lose the run
+                traceback.print_exc()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        step_times.append(dt)
+        if not snap:  # recording slows the step: it is not timed
+            step_times.append(dt)
         done = step + 1
         log.update(done, loss=loss, lr=run.lr_at(step), tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    peak_mem_gib=peak_memory_gib(device))

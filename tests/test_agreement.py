@@ -11,6 +11,7 @@ from dist_utils import run_distributed
 from helpers import make_cu
 
 from moba_dist import moba_attn_varlen_cp, ring_attn_varlen_cp
+from moba_dist.memory import set_workspace_bytes
 from moba_dist.parallel import handshake as hs
 from moba_dist.reference import moba_attn_varlen_reference
 
@@ -63,8 +64,6 @@ DISAGREE = [
      lambda q, k, v: _ring(q, k, v), {}, False),
     ("backend variable", "$MOBA_DIST_ATTN_BACKEND differs (ranks [0]: unset; ranks [1]: 'torch'; this rank:",
      lambda q, k, v: _moba(q, k, v), {"MOBA_DIST_ATTN_BACKEND": "torch"}, False),
-    ("pair batch", "$MOBA_DIST_PAIR_BATCH differs (ranks [0]: unset; ranks [1]: a value hashing to",
-     lambda q, k, v: _moba(q, k, v), {"MOBA_DIST_PAIR_BATCH": "64"}, False),
     ("ring impl", "ring implementation (impl= or $MOBA_DIST_RING_IMPL) differs (ranks [0]: 'auto'; "
      "ranks [1]: 'ours')", lambda q, k, v: _ring(q, k, v), {"MOBA_DIST_RING_IMPL": "ours"}, False),
     ("keep fetched", "$MOBA_DIST_KEEP_FETCHED differs (ranks [0]: unset; ranks [1]: '1'; this rank:",
@@ -110,13 +109,18 @@ def agreement_worker(rank, world):
         _moba(q, k, v, topk=0 if rank == 1 else TOPK, chunk=8 if rank == 1 else CHUNK)
 
     # Differences that change nothing pass: the default scale spelled out, int64 cu_seqlens,
-    # a backend named on one rank that the other resolves too, a recording-only setting.
+    # a backend named on one rank that the other resolves too, a recording-only setting, a
+    # workspace budget of one rank's own (it only sizes that rank's batches).
     full = _data()
     ref = moba_attn_varlen_reference(*full, make_cu([10, 14]), CHUNK, TOPK)
     lo = sum(SLICES[:rank])
     if rank == 1:
         os.environ["MOBA_DIST_RECORD_SELECTION"] = "1"
-        out = _moba(q, k, v, cu=make_cu([10, 14]).long(), softmax_scale=D ** -0.5, backend="torch")
+        set_workspace_bytes(1 << 12)
+        try:
+            out = _moba(q, k, v, cu=make_cu([10, 14]).long(), softmax_scale=D ** -0.5, backend="torch")
+        finally:
+            set_workspace_bytes(None)
     else:
         out = _moba(q, k, v)
     assert (out - ref[lo:lo + SLICES[rank]]).abs().max() <= 1e-10

@@ -50,10 +50,11 @@ PROTOCOL = 1  # bump when the row layout changes
 MSG_BYTES = 256
 ENV_PREFIX = "MOBA_DIST_"
 # Settings that change what ranks compute or communicate, one field each; any other MOBA_DIST_*
-# variable is covered by one catch-all field. LOCAL_ENV only changes what a rank records.
-ENV_FIELDS = ("MOBA_DIST_ATTN_BACKEND", "MOBA_DIST_RING_IMPL", "MOBA_DIST_PAIR_BATCH",
-              "MOBA_DIST_KEEP_FETCHED", "MOBA_DIST_GATE_BALANCE", "MOBA_DIST_LLAMA3_HEADS_K_STRIDE")
-LOCAL_ENV = ("MOBA_DIST_RECORD_SELECTION",)
+# variable is covered by one catch-all field. LOCAL_ENV stays local to a rank: what it records,
+# and its workspace budget (which sizes local batches only, never what is communicated).
+ENV_FIELDS = ("MOBA_DIST_ATTN_BACKEND", "MOBA_DIST_RING_IMPL", "MOBA_DIST_KEEP_FETCHED",
+              "MOBA_DIST_GATE_BALANCE", "MOBA_DIST_LLAMA3_HEADS_K_STRIDE")
+LOCAL_ENV = ("MOBA_DIST_RECORD_SELECTION", "MOBA_DIST_WORKSPACE_BYTES")
 
 # (key, what the error message calls it), in row order after the header.
 FIELDS: tuple[tuple[str, str], ...] = (

@@ -1,0 +1,94 @@
+"""The workspace budget bounds every selected-part batch a plan makes (moba_dist.memory).
+
+``sel_batches`` is checked against the budget's own accounting, recomputed here from the batch's
+pieces: a batch holds ``pairs * pair_bytes + key_rows * key_bytes`` bytes of scratch, which may
+exceed the budget only when one (query, head) row beside its segment's keys already does.
+"""
+
+import pytest
+import torch
+from helpers import make_cu
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moba_dist import memory, moba_attn_varlen
+from moba_dist.core import pair_row_bytes, sel_batches
+from moba_dist.reference import moba_attn_varlen_reference
+
+
+def _check(seg_counts: list[int], seg_len: list[int], budget: int, pair_bytes: int, key_bytes: int):
+    batches = sel_batches(torch.tensor(seg_counts), torch.tensor(seg_len), budget, pair_bytes, key_bytes)
+    pair_starts = [0]
+    for c in seg_counts:
+        pair_starts.append(pair_starts[-1] + c)
+    row_starts = [0]
+    for n in seg_len:
+        row_starts.append(row_starts[-1] + n)
+    seg_of_pair = [s for s, c in enumerate(seg_counts) for _ in range(c)]
+
+    covered = 0
+    for b in batches:
+        # Batches cover the pairs in order, without gaps or overlap.
+        assert b.pairs.start == covered and b.pairs.stop > b.pairs.start
+        covered = b.pairs.stop
+        segs = sorted({seg_of_pair[p] for p in range(b.pairs.start, b.pairs.stop)})
+        # The key rows are exactly those of the segments the pairs belong to.
+        assert b.rows == slice(row_starts[segs[0]], row_starts[segs[-1] + 1])
+        assert segs == list(range(segs[0], segs[-1] + 1))
+        q_lens = [sum(1 for p in range(b.pairs.start, b.pairs.stop) if seg_of_pair[p] == s) for s in segs]
+        assert b.cu_q.tolist() == [sum(q_lens[:i]) for i in range(len(segs) + 1)]
+        assert b.cu_k.tolist() == [row_starts[s] - row_starts[segs[0]] for s in segs] + [
+            row_starts[segs[-1] + 1] - row_starts[segs[0]]]
+        assert b.max_q == max(q_lens)
+        used = (b.pairs.stop - b.pairs.start) * pair_bytes + (b.rows.stop - b.rows.start) * key_bytes
+        one_row_too_big = len(segs) == 1 and b.pairs.stop - b.pairs.start == 1
+        assert used <= budget or one_row_too_big, (used, budget, segs, q_lens)
+    assert covered == sum(seg_counts)
+    return batches
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 64)), min_size=1, max_size=40),
+       st.integers(1, 1 << 16), st.integers(1, 600), st.integers(1, 200))
+def test_batches_never_exceed_the_budget(segs, budget, pair_bytes, key_bytes):
+    _check([c for c, _ in segs], [n for _, n in segs], budget, pair_bytes, key_bytes)
+
+
+def test_a_large_budget_makes_one_batch_and_a_small_one_splits_segments():
+    counts, lens = [50, 7, 300], [16, 16, 9]
+    assert len(_check(counts, lens, 1 << 30, 100, 10)) == 1
+    small = _check(counts, lens, 16 * 10 + 20 * 100, 100, 10)
+    assert max(b.pairs.stop - b.pairs.start for b in small) <= 20
+    assert sum(1 for b in small if b.rows == slice(32, 41)) == 300 // 20  # segment 2 in 15 pieces
+
+
+def test_pair_row_bytes_grow_with_head_dim_and_element_size():
+    assert pair_row_bytes(128, 2) == (128 * (4 * 2 + 8) + 16, 6 * 128 * 2)
+    assert pair_row_bytes(64, 4)[0] < pair_row_bytes(128, 4)[0] < pair_row_bytes(128, 8)[0]
+
+
+def test_default_budget_is_the_calls_own_inputs_and_output():
+    q = torch.empty(4096, 8, 64, dtype=torch.bfloat16)
+    k = v = torch.empty(4096, 2, 64, dtype=torch.bfloat16)
+    own = 2 * q.numel() * 2 + 2 * k.numel() * 2
+    assert memory.workspace_bytes(q, k, v) == max(memory.MIN_WORKSPACE, own)
+    with pytest.raises(ValueError, match="positive int"):
+        memory.set_workspace_bytes(0)
+
+
+@pytest.mark.parametrize("budget", [1 << 12, 1 << 15, None])
+def test_results_do_not_depend_on_the_budget(budget, monkeypatch):
+    """Any budget gives the reference result (float64); tiny budgets split every segment."""
+    monkeypatch.setattr(memory, "_override", budget)
+    g = torch.Generator().manual_seed(3)
+    cu = make_cu([70, 45])
+    q, k, v = (torch.randn(115, h, 16, dtype=torch.float64, generator=g, requires_grad=True)
+               for h in (4, 2, 2))
+    go = torch.randn(115, 4, 16, dtype=torch.float64, generator=g)
+    out = moba_attn_varlen(q, k, v, cu, 70, 8, 3)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref = moba_attn_varlen_reference(q, k, v, cu, 8, 3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    assert (out - ref).abs().max() < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-12
