@@ -14,8 +14,10 @@ times the forward alone under ``torch.no_grad`` instead (prefill; TFLOP/s then c
 Methods (rows): ``moba C/K`` (``moba_attn_varlen`` on one GPU, ``moba_attn_varlen_cp`` on W) for
 each ``--configs`` entry; anchors (``--anchors``): ``zigzag`` (ring-flash-attn zigzag) and
 ``ring`` (our ring, automatic kernel backend) over W GPUs; ``fa2`` (PyTorch's bundled
-FlashAttention-2) and ``cudnn`` (cuDNN SDPA through ``scaled_dot_product_attention``) full
-causal attention on one GPU, one sequence at a time.
+FlashAttention-2; its kernels take equal head counts, so K/V heads are repeated) and ``cudnn``
+(cuDNN SDPA through ``scaled_dot_product_attention``) full causal attention on one GPU, one
+sequence at a time; ``flash`` (the flash-attn package's ``flash_attn_varlen_func``, GQA read in
+place, all sequences in one call) on one GPU.
 
 Writes ``results.md``, ``results.csv``, ``bench.png`` (time against tokens, log-log) and
 ``meta.json`` (machine, versions, command, commit) under ``--out-dir``; with ``--profile`` also
@@ -270,6 +272,15 @@ def main():
                     return moba_dist.ring_attn_varlen_cp(q, k, v, cu, impl=impl)
             elif name in ("fa2", "cudnn") and world == 1 and dev.type == "cuda":
                 fn = _full_single(name, cu, size, a.seqs)
+            elif name == "flash" and world == 1 and dev.type == "cuda":
+                try:
+                    from flash_attn import flash_attn_varlen_func
+                except ImportError:
+                    print("flash: n/a (flash-attn not installed)", flush=True)
+                    continue
+
+                def fn(q, k, v, cu=cu, size=size):
+                    return flash_attn_varlen_func(q, k, v, cu, cu, size, size, causal=True)
             else:
                 continue
             try:

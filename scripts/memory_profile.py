@@ -97,6 +97,20 @@ def record(fn, max_entries: int = 2_000_000) -> tuple[dict, int, int]:
     return snap, base, torch.cuda.max_memory_allocated()
 
 
+def _live_tensors(exclude=(), top: int = 8) -> str:
+    """The largest CUDA tensors Python still references (what a call left behind)."""
+    skip = {id(x) for x in exclude}
+    found = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and id(obj) not in skip:
+                found.append((obj.untyped_storage().nbytes(), tuple(obj.shape), obj.dtype))
+        except Exception:
+            continue
+    found.sort(key=lambda t: -t[0])
+    return "live: " + ", ".join(f"{sh} {dt} {n / 2**20:.0f} MiB" for n, sh, dt in found[:top])
+
+
 def _op(args) -> None:
     import moba_dist
     from moba_dist.moba import causal_attn_varlen
@@ -121,11 +135,16 @@ def _op(args) -> None:
             out.backward(dout)
             q.grad = k.grad = v.grad = None
         step()  # warm-up: kernels compiled, caches filled
+        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        retained = torch.cuda.memory_allocated() - inputs
         snap, base, peak = record(step)
-        out_md.append(f"## {name}: peak {peak / 2**30:.2f} GiB (extra over inputs "
+        out_md.append(f"## {name}: peak {peak / 2**30:.2f} GiB (extra over what was live before "
                       f"{(peak - base) / 2**30:.2f} GiB)\n")
+        # Anything a call leaves allocated would stay alive into the next layer.
+        out_md.append(f"left allocated after the call (besides inputs): {retained / 2**30:.3f} GiB"
+                      + (f"; {_live_tensors(exclude=(q, k, v, dout))}" if retained > 2**26 else "") + "\n")
         out_md.append(peak_report(snap, base) + "\n")
         if args.dump:
             with open(os.path.join(args.dump, f"snap_{name.replace(' ', '_').replace('/', '_')}.pickle"),
