@@ -255,16 +255,56 @@ class MoBACore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta: CoreMeta):
         out, lse, recv = core_forward(q, k, v, meta)
-        ctx.meta = meta
+        # The plan's index tensors go through save_for_backward like the activations, so that
+        # activation checkpointing drops them with the rest (and recomputes them) instead of
+        # keeping every layer's plan alive until its backward.
+        plan, ctx.meta = split_plan(meta)
         kept = (recv,) if meta.keep_fetched else ()
-        ctx.save_for_backward(q, k, v, out, lse, *kept)
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(q, k, v, out, lse, *kept, *plan)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, *kept = ctx.saved_tensors
-        dq, dk, dv = core_backward(dout, q, k, v, out, lse, ctx.meta, kept[0] if kept else None)
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        kept, plan = rest[:ctx.n_kept], rest[ctx.n_kept:]
+        meta = join_plan(plan, ctx.meta)
+        dq, dk, dv = core_backward(dout, q, k, v, out, lse, meta, kept[0] if kept else None)
         return dq, dk, dv, None
+
+
+_PLAN_FIELDS = ("cu_self", "pair_row", "seg_index")
+_FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start")
+
+
+def split_plan(meta: CoreMeta) -> tuple[list[torch.Tensor], CoreMeta]:
+    """The device index tensors of ``meta`` (those that grow with the tokens) and ``meta``
+    without them; :func:`join_plan` puts them back."""
+    tensors = [getattr(meta, f) for f in _PLAN_FIELDS]
+    fused = meta.fused
+    if fused is not None:
+        tensors += [getattr(fused, f) for f in _FUSED_FIELDS]
+        fused = replace(fused, **dict.fromkeys(_FUSED_FIELDS))
+    fetch = KVFetch(meta.fetch.comm, None, meta.fetch.send_splits, meta.fetch.recv_splits,
+                    meta.fetch.wire_dtype)
+    tensors.append(meta.fetch.send_index)
+    present = tuple(t is not None for t in tensors)
+    bare = replace(meta, fused=fused, fetch=fetch, **dict.fromkeys(_PLAN_FIELDS))
+    return [t for t in tensors if t is not None], (bare, present)
+
+
+def join_plan(tensors, split) -> CoreMeta:
+    """Inverse of :func:`split_plan`."""
+    bare, present = split
+    it = iter(tensors)
+    full = [next(it) if p else None for p in present]
+    fused = bare.fused
+    n = len(_PLAN_FIELDS)
+    if fused is not None:
+        fused = replace(fused, **dict(zip(_FUSED_FIELDS, full[n:n + len(_FUSED_FIELDS)])))
+    fetch = KVFetch(bare.fetch.comm, full[-1], bare.fetch.send_splits, bare.fetch.recv_splits,
+                    bare.fetch.wire_dtype)
+    return replace(bare, fused=fused, fetch=fetch, **dict(zip(_PLAN_FIELDS, full[:n])))
 
 
 def core_forward(q, k, v, meta: CoreMeta):

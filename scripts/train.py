@@ -378,6 +378,35 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class layer_memory_timeline:
+    """Allocated and peak GPU memory after each decoder layer's forward (its recompute under
+    checkpointing included) and after each layer's backward: what one layer leaves alive into
+    the next. Written to ``PATH.layers.md``."""
+
+    def __init__(self, layers, device: torch.device):
+        self.device, self.rows, self.handles = device, [], []
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(lambda _m, _a, out, i=i: self._forward(i, out)))
+
+    def _forward(self, i: int, out) -> None:
+        self._note(f"layer {i} forward" + ("" if torch.is_grad_enabled() else " (no grad)"))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, torch.Tensor) and out.requires_grad:  # fires as the layer's backward starts
+            out.register_hook(lambda g: self._note(f"layer {i} backward starts"))
+
+    def _note(self, what: str) -> None:
+        self.rows.append((what, torch.cuda.memory_allocated(self.device) / 2**30,
+                          torch.cuda.max_memory_allocated(self.device) / 2**30))
+
+    def close(self, path: str, rank: int) -> None:
+        for h in self.handles:
+            h.remove()
+        path = path if rank == 0 else f"{path}.rank{rank}"
+        with open(path + ".layers.md", "w") as f:
+            f.write("| after | allocated GiB | peak so far GiB |\n|---|---:|---:|\n")
+            f.writelines(f"| {w} | {a:.2f} | {p:.2f} |\n" for w, a, p in self.rows)
+
+
 def write_memory_snapshot(path: str, base_bytes: int, rank: int) -> None:
     """Dump the recorded allocator history of this step (see ``scripts/memory_profile.py``)."""
     import pickle
@@ -432,16 +461,27 @@ def main(argv=None) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=end, initial=min(start, end), desc="train", dynamic_ncols=True, file=sys.stderr)
-    step_times = []
+    step_times, run_peak = [], 0
     for step in range(start, end):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         snap = args.memory_snapshot and device.type == "cuda" and step == end - 1
         if snap:
             snap_base = torch.cuda.memory_allocated(device)
-            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+            timeline = layer_memory_timeline(run.model.lm.model.layers, device)
+            # Python stacks of allocations only (context="alloc"): recording free stacks too made
+            # a checkpoint recompute fail inside cross_entropy on torch 2.11 (SystemError).
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc",
+                                                     stacks="python")
+        if device.type == "cuda":  # per-step peaks; the run's peak is their maximum
+            run_peak = max(run_peak, torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        loss = run.train_step(step)  # ends with a loss all-reduce: a sync point
+        try:
+            loss = run.train_step(step)  # ends with a loss all-reduce: a sync point
+        finally:
+            if snap:
+                timeline.close(args.memory_snapshot, run.rank)
         if snap:
             try:
                 write_memory_snapshot(args.memory_snapshot, snap_base, run.rank)
@@ -455,6 +495,8 @@ def main(argv=None) -> dict:
         done = step + 1
         log.update(done, loss=loss, lr=run.lr_at(step), tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    peak_mem_gib=peak_memory_gib(device))
+        if rank0 and device.type == "cuda":
+            print(f"[train] step {done}: {dt:.2f} s, peak {peak_memory_gib(device):.2f} GiB", flush=True)
         if args.eval_every and done % args.eval_every == 0 and done < end:
             evaluate(done)
         if args.ckpt_dir and args.ckpt_every and done % args.ckpt_every == 0 and done < end:
@@ -476,7 +518,10 @@ def main(argv=None) -> dict:
         run.save(final, log)
 
     peaks = [None] * run.world
-    dist.all_gather_object(peaks, round(peak_memory_gib(device), 3))
+    if device.type == "cuda":
+        run_peak = max(run_peak, torch.cuda.max_memory_allocated(device))
+    peak = run_peak / 2**30 if device.type == "cuda" else peak_memory_gib(device)
+    dist.all_gather_object(peaks, round(peak, 3))
     timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step warms up
     step_time = statistics.median(timed) if timed else float("nan")
     row = log.rows[final]

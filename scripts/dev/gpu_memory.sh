@@ -20,6 +20,7 @@ for seq in ${SIZES:-262144 524288}; do
     if [ "$seq" = 262144 ]; then
       train "${attn}_$seq" --seq-len "$seq" --steps 3 --attn "$attn" --memory-snapshot "/tmp/snap_$attn.pickle"
       cp "/tmp/snap_$attn.pickle.md" "$OUT/snapshot_train_${attn}_$seq.md" 2>/dev/null
+      cp "/tmp/snap_$attn.pickle.layers.md" "$OUT/layers_train_${attn}_$seq.md" 2>/dev/null
     else
       train "${attn}_$seq" --seq-len "$seq" --steps 2 --attn "$attn"
     fi
