@@ -654,7 +654,11 @@ class CudnnBackend:
 
     def backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k, softmax_scale, causal):
-        if q.shape[1] != k.shape[1] and os.environ.get(GQA_BWD_ENV, "fa2") == "fa2":
+        # FlashAttention-2's varlen backward pads its float32 dQ accumulator by 128 rows per
+        # sequence: with many short sequences (MoBA's own blocks at chunk 128) that doubles it,
+        # so such calls stay on cuDNN, whose accumulator is bounded by the rows themselves.
+        fa2_pad_ok = 128 * (cu_seqlens_q.numel() - 1) <= q.shape[0] // 4
+        if q.shape[1] != k.shape[1] and fa2_pad_ok and os.environ.get(GQA_BWD_ENV, "fa2") == "fa2":
             # cuDNN 9.19's ragged backward with GQA ran at 0.92-0.95x FlashAttention-2's speed on
             # an H200 (16/4 heads, causal, 32K-128K), also with K/V repeated to 16 heads, while its
             # forward is 1.6-1.8x faster and its single-head backward (MoBA's selected part) 1.6x.
