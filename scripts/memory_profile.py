@@ -127,10 +127,15 @@ def _op(args) -> None:
     for cfg in args.configs.split(","):
         c, kk = (int(x) for x in cfg.split(":"))
         runs.append((f"moba {c}/{kk}", lambda c=c, kk=kk: moba_dist.moba_attn_varlen(q, k, v, cu, t, c, kk)))
-    out_md = [f"# op alone: {t} tokens, {hq} q / {hkv} kv heads, d {d}, bf16, fwd+bwd\n",
+    mode = "forward only, no_grad" if args.forward_only else "fwd+bwd"
+    out_md = [f"# op alone: {t} tokens, {hq} q / {hkv} kv heads, d {d}, bf16, {mode}\n",
               f"inputs q, k, v, dout: {inputs / 2**30:.2f} GiB\n"]
     for name, f in runs:
         def step(f=f):
+            if args.forward_only:
+                with torch.no_grad():
+                    f()
+                return
             out = f()
             out.backward(dout)
             q.grad = k.grad = v.grad = None
@@ -166,6 +171,7 @@ def main(argv=None) -> None:
     op.add_argument("--hkv", type=int, default=2)
     op.add_argument("--head-dim", type=int, default=128)
     op.add_argument("--configs", default="4096:12,128:8")
+    op.add_argument("--forward-only", action="store_true", help="one forward under no_grad (prefill)")
     op.add_argument("--out", default=None, help="write the markdown report here")
     op.add_argument("--dump", default=None, help="folder for the raw snapshots")
     rep = sub.add_parser("report", help="report a snapshot pickle")
