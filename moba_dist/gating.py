@@ -165,13 +165,13 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tenso
         tiles: from :func:`gate_tiles` (the pure-PyTorch path's tiling).
 
     Returns:
-        ``[n, Hq, topk - 1]`` int64 global block ids, ``-1`` where a query has fewer past blocks.
+        ``[n, Hq, topk - 1]`` int32 global block ids, ``-1`` where a query has fewer past blocks.
         Which blocks are chosen depends on each query's own scores only (see
         :func:`gate_scores`), never on ``n``, the tiling or the slicing.
     """
     n, hq, d = q.shape
     hkv = summaries.shape[1]
-    sel = torch.full((n, hq, max(topk - 1, 0)), -1, dtype=torch.int64, device=q.device)
+    sel = torch.full((n, hq, max(topk - 1, 0)), -1, dtype=torch.int32, device=q.device)
     if topk <= 1 or n == 0:
         return sel
     fused = _triton_gate() if q.is_cuda and summaries.dtype == torch.float32 else None

@@ -332,7 +332,7 @@ def _gate_topk_kernel(
     for t in tl.static_range(TOPK1):
         best = tl.max(top, 1)
         low = best.to(tl.int32)  # truncation keeps the reversed block index
-        blk = tl.where(best > _VALID_FLOOR, (2147483647 - low).to(tl.int64), -1)
+        blk = tl.where(best > _VALID_FLOOR, 2147483647 - low, -1)
         tl.store(out_row + t, blk, mask=live)
         top = tl.where(top == best[:, None], _KEY_MIN, top)
 
@@ -351,7 +351,7 @@ def gate_topk(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
         config: launch parameters; None: :func:`default_config` of ``q.dtype`` (a fixed one).
 
     Returns:
-        ``[n, Hq, max(topk - 1, 0)]`` int64 global block ids by descending score (ties: lower
+        ``[n, Hq, max(topk - 1, 0)]`` int32 global block ids by descending score (ties: lower
         block first), ``-1`` after the last candidate. Nothing is synchronised with the host.
     """
     if not isinstance(topk, int) or topk < 1:
@@ -389,7 +389,7 @@ def gate_topk(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
     if mma3 and q.dtype != torch.bfloat16:
         raise ValueError(f"config: scores='mma3' needs bfloat16 queries, got {q.dtype}")
     topk1 = topk - 1
-    out = torch.empty(n, hq, topk1, dtype=torch.int64, device=q.device)
+    out = torch.empty(n, hq, topk1, dtype=torch.int32, device=q.device)
     if n == 0 or topk1 == 0:
         return out
     if nblocks == 0:

@@ -162,18 +162,24 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
     if sel is None:
         sel = _select(q, k, sp, tables, offsets, comm, topk, budget, rank)
+    sel = sel.to(torch.int32)
     kk = sel.shape[-1]
     if os.environ.get(RECORD_ENV, "0") == "1":
         stats.selection = sel.sort(-1).values
-    selection = sel
 
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
+    # The int32 selection is the plan's largest tensor (T x Hq x (topk - 1)); the keys derived
+    # from it are made one kv-head group at a time, so no int64 copy of all of it exists.
+    group = hq // hkv
     with record_function("moba.counts"):
-        head_group = (torch.arange(hq, device=dev) // (hq // hkv))[None, :, None]
-        key = torch.where(sel >= 0, head_group * nblk + sel.long(), hkv * nblk).flatten()
-        del sel
         counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, key, torch.ones_like(key))
+        for g in range(hkv):
+            key = _group_keys(sel, g, group, nblk)
+            # A scatter, not bincount: bincount sizes its output on the host.
+            part = torch.zeros(nblk + 1, dtype=torch.int64, device=dev)
+            part.scatter_add_(0, key, torch.ones_like(key))
+            counts[g * nblk:(g + 1) * nblk] = part[:nblk]
+        del key, part
         all_counts = to_host(comm.all_gather(counts, "selection_counts") if comm else counts[None], stats)
 
     with record_function("moba.plan"):
@@ -186,8 +192,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         fused = use_fused_selected(dev, q.dtype, chunk)
         stats.selected_kernel = "triton" if fused else "varlen"
         if not fused:
-            pair_row = (torch.argsort(key, stable=True)[:num_pairs] // max(kk, 1)).to(torch.int32)
-            del key
+            pair_row = _pair_rows(sel, all_counts[rank, :-1].view(hkv, nblk).sum(1), group, nblk)
         seg_counts = all_counts[rank, :-1][need[rank].flatten()]
         n_sel_seg = seg_counts.numel()
         seg_len = fp.seg_len
@@ -222,11 +227,15 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             host = runs + [torch.cumsum(seg_len, 0) - seg_len, seg_len, lut,
                            rank_of[n_sel_seg:].to(torch.int32)]
             *runs, seg_start, seg_len_dev, lut, prefix_seg = to_device(host, dev)
-            sel_seg = lut[key].view(n, hq, kk).to(torch.int32)
+            sel_seg = torch.empty(n, hq, kk, dtype=torch.int32, device=dev)
+            for g in range(hkv):
+                key = _group_keys(sel, g, group, nblk)
+                key = torch.where(key == nblk, hkv * nblk, key + g * nblk)  # last slot: -1
+                sel_seg[:, g * group:(g + 1) * group] = lut[key].view(n, group, kk)
             del key
             if lp.prefix_len:  # the first local part's queries also read their block's prefix
                 extra = torch.full((n, hq, 1), -1, dtype=torch.int32, device=dev)
-                extra[:first_part, :, 0] = prefix_seg[head_group.view(-1)]
+                extra[:first_part, :, 0] = prefix_seg[torch.arange(hq, device=dev) // group]
                 sel_seg = torch.cat([sel_seg, extra], -1)
             # Each segment one run of the pool (always on one device): the kernel reads K/V in
             # place, at the runs' pool rows, instead of from a segment-major copy.
@@ -267,7 +276,26 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     stats.allgather_kv_pairs = hkv * int((other > 0).sum())
     stats.allgather_kv_bytes = int(other.sum()) * hkv * row_bytes
     stats.selected_blocks_per_query = 1.0 + num_pairs / max(n * hq, 1)
-    return meta, selection, stats
+    return meta, sel, stats
+
+
+def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int) -> torch.Tensor:
+    """Block ids of kv-head group ``g``'s selections, flattened in (token, head, slot) order,
+    int64, with ``nblk`` for an empty slot (``-1``)."""
+    sub = sel[:, g * group:(g + 1) * group]
+    return torch.where(sub >= 0, sub, nblk).flatten().long()
+
+
+def _pair_rows(sel: torch.Tensor, group_pairs: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
+    """Flat rows ``t * Hq + h`` of every selected (query, head) pair, int32, ordered by (kv head,
+    block) and within a block by row: the varlen path's segments. One stable sort per kv-head
+    group (its keys are exactly that group's segments, so the groups concatenate in order)."""
+    n, hq, kk = sel.shape
+    parts = []
+    for g, count in enumerate(group_pairs.tolist()):
+        order = torch.argsort(_group_keys(sel, g, group, nblk), stable=True)[:count] // max(kk, 1)
+        parts.append((order // group * hq + g * group + order % group).to(torch.int32))
+    return torch.cat(parts) if parts else sel.new_empty(0)
 
 
 def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int, rank: int) -> torch.Tensor:
@@ -282,7 +310,7 @@ def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int,
             return _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget)
         q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
         sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget)
-        return move_rows(sel_g.to(torch.int32), balanced, offsets, comm, "gate_balance.back").long()
+        return move_rows(sel_g, balanced, offsets, comm, "gate_balance.back")
 
 
 __all__ = ["moba_pipeline", "moba_plan"]
