@@ -375,8 +375,10 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
         o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
                                               meta.max_k_sel, meta.softmax_scale, False)
         merged.add(o_sel[:, 0], lse_sel[0], rows)
-    acc_out, acc_lse = merged.result()
-    return acc_out.to(q.dtype).view(n, hq, -1), acc_lse.view(n, hq).t().contiguous()
+        del rows, k_b, v_b, o_sel, lse_sel  # before the next batch's buffers are made
+    # The self part's output is dead once accumulated: the result is written over it.
+    out, acc_lse = merged.result(out=_flat(out) if out.dtype == q.dtype else None)
+    return out.to(q.dtype).view(n, hq, -1), acc_lse.view(n, hq).t().contiguous()
 
 
 def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):

@@ -74,14 +74,18 @@ class LSEAccumulator:
     Args:
         out: ``[R, D]`` a first partial output of every row (any float dtype).
         lse: ``[R]`` its log-sum-exp (``-inf``: the row saw no key yet).
+
+    Memory: one ``[R, D]`` accumulator in the accumulation dtype and three ``[R]`` vectors;
+    :meth:`result` normalizes in place and can write into a given output, so no second
+    ``[R, D]`` float32 tensor exists at any time.
     """
 
     def __init__(self, out: torch.Tensor, lse: torch.Tensor):
         self.dtype = accum_dtype(out.dtype)
-        self.m = lse.to(self.dtype).clone()
+        self.m = lse.to(self.dtype, copy=True)
         seen = torch.isfinite(self.m)
         self.l = seen.to(self.dtype)
-        self.acc = torch.where(seen[:, None], out.to(self.dtype), 0)
+        self.acc = out.to(self.dtype, copy=True).masked_fill_(~seen[:, None], 0)
 
     def add(self, part_out: torch.Tensor, part_lse: torch.Tensor, index: torch.Tensor) -> None:
         """Merge ``part_out [P, D]`` with log-sum-exp ``part_lse [P]`` into rows ``index [P]``."""
@@ -96,8 +100,12 @@ class LSEAccumulator:
         index_add_rows(self.l, index, wp)
         self.m = m_new
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out [R, D], lse [R])`` in the accumulation dtype; rows that saw no key: 0, -inf."""
+    def result(self, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [R, D], lse [R])``; rows that saw no key: 0, -inf. ``out`` (any float dtype,
+        ``[R, D]``): written in place and returned; ``None``: the accumulation dtype. Ends the
+        accumulator (its buffer is normalized in place)."""
         safe = torch.where(self.l > 0, self.l, torch.ones_like(self.l))
         shift = torch.where(torch.isinf(self.m), torch.zeros_like(self.m), self.m)
-        return self.acc / safe[:, None], shift + torch.log(self.l)
+        acc = self.acc.div_(safe[:, None])
+        self.acc = None
+        return (acc if out is None else out.copy_(acc)), shift + torch.log(self.l)
