@@ -43,6 +43,7 @@ class SelBatch:
     cu_q: torch.Tensor  # int32 [segments + 1], relative to the batch
     cu_k: torch.Tensor
     max_q: int
+    window: int = 0  # the query window (``CoreMeta.window_rows`` tokens) every pair lies in
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class CoreMeta:
     fused: FusedSel | None = None  # set: the selected part runs in the fused Triton kernel
     overlaps: bool = True  # some pool row is in two segments (a causal prefix overlaps a block)
     workspace: int = 1 << 30  # transient bytes allowed (moba_dist.memory.workspace_bytes)
+    window_rows: int = 1 << 62  # tokens per query window of the varlen path (see row_window)
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -204,6 +206,44 @@ def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pa
             max_q=int(p_len[a:b].max()),
         ))
         a = b
+    return batches
+
+
+def window_bytes(window: int, hq: int, head_dim: int, acc_elem: int = 4) -> int:
+    """Bytes of the accumulators (``acc_elem`` bytes per value: float32, float64 for float64
+    inputs) of one query window (``window`` tokens x ``hq`` heads): forward, the merged output
+    and its max, normalizer and rescale vectors; backward, ``dq`` (smaller). See
+    :func:`row_window`."""
+    return window * hq * acc_elem * (head_dim + 4)
+
+
+def row_window(budget: int, n: int, hq: int, head_dim: int, chunk: int, acc_elem: int = 4) -> int:
+    """Tokens per query window of the varlen selected part: the pairs are planned window by
+    window, and the float32 accumulators (forward: the LSE merge; backward: ``dq``) exist for one
+    window's rows at a time, a quarter of the workspace budget, never ``[n, Hq, D]`` in float32
+    at once. At least one block (``chunk``), so a causal prefix's queries share a window; at most
+    ``n`` (one window)."""
+    per_token = window_bytes(1, hq, head_dim, acc_elem)
+    return max(min(chunk, max(n, 1)), min(max(n, 1), (budget // 4) // per_token))
+
+
+def window_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, seg_win: torch.Tensor, budget: int,
+                   pair_bytes: int, key_bytes: int) -> list[SelBatch]:
+    """:func:`sel_batches` of each query window's segments (``seg_win``, ascending: the segments
+    of a window are consecutive), with slices into the whole plan and the window recorded."""
+    batches = []
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64),
+                        torch.cumsum(torch.bincount(seg_win), 0)]) if seg_win.numel() else [0]
+    pair_cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(seg_counts.to(torch.int64), 0)])
+    row_cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(seg_len.to(torch.int64), 0)])
+    for w in range(len(bounds) - 1):
+        a, b = int(bounds[w]), int(bounds[w + 1])
+        if a == b:
+            continue
+        p0, r0 = int(pair_cu[a]), int(row_cu[a])
+        for x in sel_batches(seg_counts[a:b], seg_len[a:b], budget, pair_bytes, key_bytes):
+            batches.append(replace(x, pairs=slice(x.pairs.start + p0, x.pairs.stop + p0),
+                                   rows=slice(x.rows.start + r0, x.rows.stop + r0), window=w))
     return batches
 
 
@@ -368,17 +408,40 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
         return out, lse
     n, hq, _ = q.shape
     pool = _pool(recv, kv_hm)
-    merged = LSEAccumulator(_flat(out), lse.t().reshape(-1))
-    for b in meta.sel_batches:
-        rows = meta.pair_row[b.pairs].long()
-        k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
-        o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
-                                              meta.max_k_sel, meta.softmax_scale, False)
-        merged.add(o_sel[:, 0], lse_sel[0], rows)
-        del rows, k_b, v_b, o_sel, lse_sel  # before the next batch's buffers are made
-    # The self part's output is dead once accumulated: the result is written over it.
-    out, acc_lse = merged.result(out=_flat(out) if out.dtype == q.dtype else None)
-    return out.to(q.dtype).view(n, hq, -1), acc_lse.view(n, hq).t().contiguous()
+    # The self part's output is final outside the selected rows and is overwritten in place
+    # inside them (a window's merged rows are written over it).
+    out_rows, lse_rows = _flat(out), lse.t().reshape(-1)
+    for w, batches in _by_window(meta):
+        # The window's rows are final after its batches: accumulate them alone in float32.
+        r0, r1 = _window_range(w, meta.window_rows, n, hq)
+        merged = LSEAccumulator(out_rows[r0:r1], lse_rows[r0:r1])
+        for b in batches:
+            rows = meta.pair_row[b.pairs].long()
+            k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
+            o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
+                                                  meta.max_k_sel, meta.softmax_scale, False)
+            merged.add(o_sel[:, 0], lse_sel[0], rows - r0)
+            del rows, k_b, v_b, o_sel, lse_sel  # before the next batch's buffers are made
+        _, lse_rows[r0:r1] = merged.result(out=out_rows[r0:r1])
+        del merged
+    return out_rows.view(n, hq, -1).to(q.dtype), lse_rows.view(n, hq).t().contiguous()
+
+
+def _by_window(meta: CoreMeta):
+    """``(window, its batches)`` in plan order (a window's batches are consecutive)."""
+    batches = meta.sel_batches
+    i = 0
+    while i < len(batches):
+        j = i
+        while j < len(batches) and batches[j].window == batches[i].window:
+            j += 1
+        yield batches[i].window, batches[i:j]
+        i = j
+
+
+def _window_range(w: int, window: int, n: int, hq: int) -> tuple[int, int]:
+    """Flat ``t * Hq + h`` rows of query window ``w``."""
+    return w * window * hq, min(n, (w + 1) * window) * hq
 
 
 def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
@@ -395,20 +458,29 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
     dpool = torch.zeros_like(pool)
     if meta.sel_batches:
         acc = accum_dtype(q.dtype)
-        dq = _flat(dq).to(acc)
+        n, hq, _ = q.shape
+        dq_rows = _flat(dq)
         lse_rows = lse.t().reshape(-1)
-        for b in meta.sel_batches:
-            rows = meta.pair_row[b.pairs].long()
-            idx = meta.seg_index[b.rows]
-            k_b, v_b = _segment_kv(pool, idx)
-            dq_b, dk_b, dv_b = meta.backend.backward(
-                _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
-                lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
-                meta.softmax_scale, False)
-            del k_b, v_b
-            index_add_rows(dq, rows, dq_b[:, 0].to(acc))  # a row repeats once per selected block
-            dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
-        dq = dq.view(q.shape)
+        for w, batches in _by_window(meta):
+            # The self part's dq of the window in float32 plus every selected pair's, rounded
+            # once (as a whole-tensor float32 dq would be), one window at a time.
+            r0, r1 = _window_range(w, meta.window_rows, n, hq)
+            dq_w = dq_rows[r0:r1].to(acc, copy=True)
+            for b in batches:
+                rows = meta.pair_row[b.pairs].long()
+                idx = meta.seg_index[b.rows]
+                k_b, v_b = _segment_kv(pool, idx)
+                dq_b, dk_b, dv_b = meta.backend.backward(
+                    _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
+                    lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
+                    meta.softmax_scale, False)
+                del k_b, v_b
+                index_add_rows(dq_w, rows - r0, dq_b[:, 0].to(acc))  # a row repeats once per block
+                dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
+                del rows, idx, dq_b, dk_b, dv_b
+            dq_rows[r0:r1] = dq_w
+            del dq_w
+        dq = dq_rows.view(q.shape)
     return dq, dpool[:, 0], dpool[:, 1]
 
 

@@ -37,7 +37,10 @@ def moba_selection_reference(q, k, chunk: int, topk: int) -> torch.Tensor:
     acc = _acc(q.dtype)
     nb = -(-length // chunk)
     means = torch.stack([k[j * chunk:(j + 1) * chunk].to(acc).mean(0) for j in range(nb)])
-    gate = torch.einsum("ihd,jhd->hij", q.detach().to(acc), _expand_kv(means.detach(), hq))
+    # Each score by the same elementwise product and sum whatever its position (a GEMM may
+    # round equal scores of equal blocks differently in different tiles, deciding ties).
+    qa, ma = q.detach().to(acc), _expand_kv(means.detach(), hq)
+    gate = torch.stack([(qa * ma[j]).sum(-1) for j in range(nb)], -1).permute(1, 0, 2)  # [Hq, L, nb]
     dev = q.device
     qblock = torch.arange(length, device=dev) // chunk
     past = torch.arange(nb, device=dev)[None, :] < qblock[:, None]  # [L, nb]

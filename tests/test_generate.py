@@ -165,10 +165,11 @@ def test_padding_is_not_stored():
     for layer_idx, layer in enumerate(cache.layers):
         assert layer.seqlens.tolist() == [21 + 3, 9 + 3]  # prompt + the 3 tokens fed back in
         assert cache.get_seq_length(layer_idx) == 21 + 3  # HF's column count, padding included
-        # Row 1's first 9 keys are its own prompt's: recompute them from a run of the prompt alone.
+        # Row 1's first 9 keys are its own prompt's: recompute them from a run of the prompt alone
+        # (to rounding: the projections of a batch and of one row may be different GEMMs).
         alone = MoBACache(model.config)
         model(input_ids=rows[1][None], cache=alone)
-        assert torch.equal(layer.keys[1, :9], alone.layers[layer_idx].keys[0, :9])
+        assert (layer.keys[1, :9] - alone.layers[layer_idx].keys[0, :9]).abs().max().item() <= 1e-12
         # Block sums are the float64 sums of the stored keys of every block so far.
         for j in range(24 // CHUNK):
             want = layer.keys[0, j * CHUNK:(j + 1) * CHUNK].sum(0)

@@ -125,3 +125,28 @@ def test_plan_goes_through_saved_tensors_so_checkpointing_drops_it():
     ref = moba_attn_varlen_reference(q, k, v, cu, 4, 3)
     for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), go)):
         assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("budget", [1 << 14, 1 << 17, None])
+def test_query_windows_bound_the_float32_accumulators(budget, monkeypatch):
+    """The varlen path plans its pairs window by window: every batch's (query, head) pairs lie in
+    that batch's query window, windows come in ascending order, and one window's accumulators
+    take at most a quarter of the budget (or one block's rows when those alone need more)."""
+    from moba_dist.core import window_bytes
+    from moba_dist.parallel.moba_cp import moba_plan
+
+    monkeypatch.setattr(memory, "_override", budget)
+    g = torch.Generator().manual_seed(11)
+    n, hq, hkv, d, chunk, topk = 300, 4, 2, 16, 16, 4
+    q, k, v = (torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, 120, 300], dtype=torch.int64)
+    meta, _, _ = moba_plan(q, k, v, cu, torch.tensor([0, n]), chunk, topk, d ** -0.5, None, None)
+    window, spent = meta.window_rows, memory.workspace_bytes(q, k, v)
+    assert window == chunk or window_bytes(window, hq, d) <= spent // 4
+    seen = [b.window for b in meta.sel_batches]
+    assert seen == sorted(seen) and len(meta.sel_batches) > 0
+    if budget == 1 << 14:
+        assert len(set(seen)) > 1
+    for b in meta.sel_batches:
+        tokens = meta.pair_row[b.pairs].long() // hq
+        assert ((tokens // window) == b.window).all()

@@ -32,7 +32,17 @@ from dataclasses import replace
 import torch
 from torch.profiler import record_function
 
-from ..core import CoreMeta, FusedSel, KVFetch, MoBACore, pair_row_bytes, sel_batches, use_fused_selected
+from ..core import (
+    CoreMeta,
+    FusedSel,
+    KVFetch,
+    MoBACore,
+    pair_row_bytes,
+    row_window,
+    use_fused_selected,
+    window_batches,
+    window_bytes,
+)
 from ..device import to_device, to_host
 from ..gating import block_means, block_part_sums, gate_tile_elems, gate_tiles, select_blocks
 from ..kernels import accum_dtype, get_backend
@@ -170,57 +180,85 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
     # The int32 selection is the plan's largest tensor (T x Hq x (topk - 1)); the keys derived
     # from it are made one kv-head group at a time, so no int64 copy of all of it exists.
+    # The varlen path also counts per query window (see core.row_windows), in the same copy.
     group = hq // hkv
+    fused = use_fused_selected(dev, q.dtype, chunk)
+    stats.selected_kernel = "triton" if fused else "varlen"
+    acc_elem = accum_dtype(q.dtype).itemsize
+    window = n if fused else row_window(budget, n, hq, d, chunk, acc_elem)
+    nwin = max(1, -(-n // max(window, 1)))
     with record_function("moba.counts"):
-        counts = torch.zeros(hkv * nblk + 1, dtype=torch.int64, device=dev)
+        counts = torch.zeros(nwin, hkv, nblk, dtype=torch.int64, device=dev)
         for g in range(hkv):
-            key = _group_keys(sel, g, group, nblk)
+            key = _group_keys(sel, g, group, nblk, window if nwin > 1 else 0)
             # A scatter, not bincount: bincount sizes its output on the host.
-            part = torch.zeros(nblk + 1, dtype=torch.int64, device=dev)
+            part = torch.zeros(nwin * (nblk + 1), dtype=torch.int64, device=dev)
             part.scatter_add_(0, key, torch.ones_like(key))
-            counts[g * nblk:(g + 1) * nblk] = part[:nblk]
+            counts[:, g] = part.view(nwin, nblk + 1)[:, :nblk]
         del key, part
-        all_counts = to_host(comm.all_gather(counts, "selection_counts") if comm else counts[None], stats)
+        mine = counts.sum(0).flatten()
+        if comm is None:
+            host = to_host(counts.flatten(), stats)
+            all_counts = host.view(nwin, hkv * nblk).sum(0)[None]
+        else:
+            host = to_host(torch.cat([comm.all_gather(mine, "selection_counts").flatten(),
+                                      counts.flatten()]), stats)
+            all_counts = host[:world * hkv * nblk].view(world, hkv * nblk)
+        win_counts = host[-nwin * hkv * nblk:].view(nwin, hkv, nblk)
 
     with record_function("moba.plan"):
-        need = all_counts[:, :-1].view(world, hkv, nblk) > 0
+        need = all_counts.view(world, hkv, nblk) > 0
         fp = fetch_plan(layout, offsets, need, rank, sp.ranks)
-        # Key segments: the selected (head, block)s in (head, block) order, then the causal
-        # prefix of the first local block per head. Pairs are sorted the same way; kept for
-        # backward as int32 (half the memory of int64).
-        num_pairs = int(all_counts[rank, :-1].sum())
-        fused = use_fused_selected(dev, q.dtype, chunk)
-        stats.selected_kernel = "triton" if fused else "varlen"
+        num_pairs = int(all_counts[rank].sum())
+        # Base segments: the selected (kv head, block)s in (head, block) order, then the causal
+        # prefix of the first local block per head. Segments: a base segment's pairs in one
+        # query window, in (head, window, block) order (the order pair_row is sorted in), then
+        # the prefixes (window 0: a prefix's queries are the slice's first part, <= one block).
+        seg_id = torch.full((hkv * nblk,), -1, dtype=torch.int64)
+        seg_id[need[rank].flatten()] = torch.arange(int(need[rank].sum()))
+        n_sel_seg = int(need[rank].sum())
+        wc = win_counts.permute(1, 0, 2)  # [hkv, win, block]
+        hit = (wc > 0).nonzero()
+        seg_counts = wc[hit[:, 0], hit[:, 1], hit[:, 2]]
+        seg_win = hit[:, 1]
+        seg_base = seg_id[hit[:, 0] * nblk + hit[:, 2]]
+        base_len = fp.seg_len
         if not fused:
-            pair_row = _pair_rows(sel, all_counts[rank, :-1].view(hkv, nblk).sum(1), group, nblk)
-        seg_counts = all_counts[rank, :-1][need[rank].flatten()]
-        n_sel_seg = seg_counts.numel()
-        seg_len = fp.seg_len
+            pair_row = _pair_rows(sel, wc.sum(2), group, nblk, window if nwin > 1 else 0)
         if lp.prefix_len:
             first_part = int(lp.part_len[0])
             if not fused:
                 pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
-            seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * (hq // hkv))])
-            seg_len = torch.cat([seg_len, torch.full((hkv,), lp.prefix_len)])
-        # Largest segments first: a varlen kernel's grid spans every segment of a call at the
-        # longest one's length, so batching segments of similar size wastes little of it.
+            seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * group)])
+            seg_win = torch.cat([seg_win, torch.zeros(hkv, dtype=torch.int64)])
+            seg_base = torch.cat([seg_base, n_sel_seg + torch.arange(hkv)])
+            base_len = torch.cat([base_len, torch.full((hkv,), lp.prefix_len)])
+        # Window by window (each window's rows are finished before the next is started); in a
+        # window, largest segments first: a varlen kernel's grid spans every segment of a call
+        # at the longest one's length, so batching segments of similar size wastes little of it.
         order = torch.argsort(seg_counts, descending=True, stable=True)
-        rank_of = torch.empty_like(order)
-        rank_of[order] = torch.arange(order.numel())
-        # Pool rows of the segments in that order, as runs (expanded on the device below).
+        order = order[torch.argsort(seg_win[order], stable=True)]
+        # Pool rows of the segments in that order, as runs of the base segments' pieces
+        # (expanded on the device below).
         piece_seg, piece_start, piece_len = fp.piece_seg, fp.piece_start, fp.piece_len
         if lp.prefix_len:
             runs = fp.prefix_len.numel()
             piece_seg = torch.cat([piece_seg, (n_sel_seg + torch.arange(hkv)).repeat_interleave(runs)])
             piece_start = torch.cat([piece_start, fp.prefix_start.flatten()])
             piece_len = torch.cat([piece_len, fp.prefix_len.repeat(hkv)])
-        by_order = torch.argsort(rank_of[piece_seg], stable=True)
-        runs = [fp.send_start, fp.send_len, piece_start[by_order], piece_len[by_order]]
+        by_seg = torch.argsort(piece_seg, stable=True)
+        n_pieces = torch.bincount(piece_seg, minlength=base_len.numel())
+        first_piece = torch.cumsum(n_pieces, 0) - n_pieces
+        base = seg_base[order]
+        take = by_seg[expand_ranges(first_piece[base], n_pieces[base])]
+        runs = [fp.send_start, fp.send_len, piece_start[take], piece_len[take]]
         pair_start = torch.cumsum(seg_counts, 0) - seg_counts
-        seg_counts, seg_len = seg_counts[order], seg_len[order]
+        seg_counts, seg_len, seg_win = seg_counts[order], base_len[base], seg_win[order]
         num_rows = int(seg_len.sum())
         if fused:
             batches = []
+            rank_of = torch.empty_like(order)
+            rank_of[base] = torch.arange(order.numel())  # one window: segments are base segments
             # Segment of each (kv head, block) key, numbered in the final (ordered) segment order.
             lut = torch.full((hkv * nblk + 1,), -1, dtype=torch.int32)
             lut[need[rank].flatten().nonzero()[:, 0]] = rank_of[:n_sel_seg].to(torch.int32)
@@ -243,7 +281,11 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             fused = FusedSel(sel_seg, runs[2] if in_place else seg_start, seg_len_dev.to(torch.int32),
                              num_rows, chunk, in_place=in_place, grad_start=seg_start)
         else:
-            batches = sel_batches(seg_counts, seg_len, budget, *pair_row_bytes(d, q.element_size()))
+            # The window's accumulators take their quarter of the budget (more only when one
+            # block's rows need it), the batches the rest.
+            batch_budget = max(budget // 2, budget - window_bytes(window, hq, d, acc_elem))
+            batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
+                                     *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
@@ -268,6 +310,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             fused=fused,
             overlaps=bool(lp.prefix_len),
             workspace=budget,
+            window_rows=window,
         )
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]
@@ -279,21 +322,35 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     return meta, sel, stats
 
 
-def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int) -> torch.Tensor:
-    """Block ids of kv-head group ``g``'s selections, flattened in (token, head, slot) order,
-    int64, with ``nblk`` for an empty slot (``-1``)."""
+def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 0) -> torch.Tensor:
+    """Keys of kv-head group ``g``'s selections, flattened in (token, head, slot) order, int64:
+    the block id, ``nblk`` for an empty slot (``-1``), plus ``(t // window) * (nblk + 1)`` when
+    ``window`` (so the keys count and sort by (query window, block))."""
     sub = sel[:, g * group:(g + 1) * group]
-    return torch.where(sub >= 0, sub, nblk).flatten().long()
+    key = torch.where(sub >= 0, sub, nblk).long()
+    if window:
+        win = torch.arange(sel.shape[0], device=sel.device) // window * (nblk + 1)
+        key += win[:, None, None]
+    return key.flatten()
 
 
-def _pair_rows(sel: torch.Tensor, group_pairs: torch.Tensor, group: int, nblk: int) -> torch.Tensor:
+def _pair_rows(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int,
+               window: int = 0) -> torch.Tensor:
     """Flat rows ``t * Hq + h`` of every selected (query, head) pair, int32, ordered by (kv head,
-    block) and within a block by row: the varlen path's segments. One stable sort per kv-head
-    group (its keys are exactly that group's segments, so the groups concatenate in order)."""
+    query window, block) and within that by row: the varlen path's segments. One stable sort
+    per kv-head group (its keys are exactly that group's segments, so the groups concatenate in
+    order). Empty slots sort last in their window; ``win_pairs [Hkv, windows]`` (host) counts
+    the real ones, so the kept sorted positions are known on the host (no data-dependent mask).
+    """
     n, hq, kk = sel.shape
+    kk = max(kk, 1)
+    nwin = win_pairs.shape[1]
+    per_win = (torch.arange(nwin) * window if window else torch.zeros(1, dtype=torch.int64)) * group * kk
     parts = []
-    for g, count in enumerate(group_pairs.tolist()):
-        order = torch.argsort(_group_keys(sel, g, group, nblk), stable=True)[:count] // max(kk, 1)
+    for g in range(win_pairs.shape[0]):
+        order = torch.argsort(_group_keys(sel, g, group, nblk, window), stable=True)
+        start, count = to_device([per_win, win_pairs[g]], sel.device)
+        order = order[expand_ranges(start, count, int(win_pairs[g].sum()))] // kk
         parts.append((order // group * hq + g * group + order % group).to(torch.int32))
     return torch.cat(parts) if parts else sel.new_empty(0)
 
