@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._graph import outside_graph
 from ._validation import check_cu_seqlens, check_cu_seqlens_form, check_qkv, check_scale
 from .config import MoBAConfig
 from .moba import causal_attn_varlen, moba_attn_varlen
@@ -13,16 +14,19 @@ from .ops import PADDING_ERROR, moba_attention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
 
 
-@torch.compiler.disable
 def _cp_attention(full: bool, config: MoBAConfig, q, k, v, cu_seqlens, group, softmax_scale, valid):
-    """The context-parallel functions, kept out of ``torch.compile``'s graphs: their collectives
-    and host syncs run eagerly (one graph break per call under compile)."""
+    """The context-parallel functions (under ``torch.compile`` called through
+    :func:`~moba_dist._graph.outside_graph`: their collectives and host syncs run eagerly, one graph
+    break per call)."""
     if valid is not None and not bool(valid.all()):
         raise ValueError(PADDING_ERROR)
     if full:
         return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale)
     return moba_attn_varlen_cp(q, k, v, cu_seqlens, config.chunk_size, config.topk, group=group,
                                softmax_scale=softmax_scale)
+
+
+_cp_attention_outside_graph = outside_graph(_cp_attention)
 
 
 def layer_attention(config: MoBAConfig, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -44,7 +48,8 @@ def layer_attention(config: MoBAConfig, layer_idx: int, q: torch.Tensor, k: torc
     """
     full = config.is_full(layer_idx)
     if context_parallel:
-        return _cp_attention(full, config, q, k, v, cu_seqlens, group, softmax_scale, valid)
+        run = _cp_attention_outside_graph if torch.compiler.is_compiling() else _cp_attention
+        return run(full, config, q, k, v, cu_seqlens, group, softmax_scale, valid)
     check_qkv(q, k, v)
     if torch.compiler.is_compiling():
         check_cu_seqlens_form(cu_seqlens)
