@@ -572,10 +572,6 @@ def main(argv=None) -> dict:
         print(f"[train] peak memory per rank {peaks} GiB ({summary['peak_mem_kind']}), median step "
               f"{summary['step_time_s']} s", flush=True)
         print(json.dumps(summary), flush=True)
-        if os.environ.get("DBG_BREAKS"):
-            from torch._dynamo.utils import counters
-            for k, v in counters["graph_break"].items():
-                print(v, k[:300].replace("\n", " "))
     dist.destroy_process_group()
     return summary
 
