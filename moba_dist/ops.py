@@ -66,18 +66,17 @@ def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: int, to
     T, hq, _ = q.shape
     be = get_backend(q.device, q.dtype, q.shape[-1], backend)  # an unusable backend fails first
     cu, longest, is_full = _decide(cu_seqlens, T, q.device, chunk, topk, full, max_seqlen)
-    sel = torch.full((T, hq, topk - 1), -1, dtype=torch.int32, device=q.device)
     if is_full:
         cu_dev = cu.to(device=q.device, dtype=torch.int32)
         out, lse = be.forward(q, k, v, cu_dev, cu_dev, longest, longest, softmax_scale, True)
         record(MoBAStats(path="full", local_tokens=T, host_syncs=1, selected_blocks_per_query=float("nan")))
+        sel = torch.full((T, hq, topk - 1), -1, dtype=torch.int32, device=q.device)
         return out.contiguous(), lse.contiguous(), sel
     offsets = torch.tensor([0, T], dtype=torch.int64)
-    meta, chosen, stats = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend)
-    sel.copy_(chosen)
+    meta, sel, stats = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend)
     out, lse, _ = core_forward(q, k, v, meta)
     record(stats)
-    return out.contiguous(), lse.contiguous(), sel
+    return out.contiguous(), lse.contiguous(), sel.to(torch.int32).contiguous()
 
 
 @moba_fwd.register_fake
@@ -94,7 +93,9 @@ def moba_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`moba_fwd`: ``(dq, dk, dv)`` like ``q, k, v``. The MoBA path plans again
     from ``sel`` (the forward's selection: nothing is gated again) and runs
-    :func:`~moba_dist.core.core_backward`; the full path runs the backend's causal backward."""
+    :func:`~moba_dist.core.core_backward`; the full path runs the backend's causal backward.
+    Host syncs: ``cu_seqlens`` once, the selection counts once (MoBA path), which the eager
+    backward, keeping the forward's plan, does not need."""
     T = q.shape[0]
     cu, longest, is_full = _decide(cu_seqlens, T, q.device, chunk, topk, full, -1)
     if is_full:
