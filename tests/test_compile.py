@@ -17,7 +17,7 @@ from moba_dist.reference import causal_attn_varlen_reference, moba_attn_varlen_r
 
 HQ, HKV, D = 4, 2, 8
 LENGTHS = [37, 0, 63, 31]  # several packed sequences, one of them empty; longest 63
-CU = torch.tensor([0, 37, 37, 100, 131], dtype=torch.int32)
+CU = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
 MAX_SEQLEN = 63
 SPARSE = (8, 3)  # chunk, topk: 24 < 63, MoBA proper
 FULL = (32, 2)  # 64 >= 63: every past block is selected, full causal attention
@@ -239,6 +239,25 @@ def assert_same(a, b, tol):
     assert ga.keys() == gb.keys() and ga
     for name in ga:
         assert (ga[name] - gb[name]).abs().max().item() <= tol, name
+
+
+def test_padded_cu_seqlens_from_position_ids():
+    """The fixed-size device version is the host one followed by repeats of the total."""
+    from moba_dist.hf.packing import cu_seqlens_from_position_ids, cu_seqlens_padded
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.stack([torch.cat([torch.arange(n) for n in lengths])
+                        for lengths in ([5, 9, 2], [16], [3, 3, 3, 7])])  # [3, 16], per-row positions
+    no_zero = torch.randint(1, 4, (2, 16), generator=g)  # no restart: one sequence per row
+    for pos, batch in ((rows, 3), (rows[2:], 3), (None, 3), (no_zero, 2)):
+        want = cu_seqlens_from_position_ids(pos, batch, 16)
+        got = cu_seqlens_padded(pos, batch, 16)
+        assert got.dtype == torch.int32
+        if pos is None:
+            assert torch.equal(got, want)
+            continue
+        assert got.shape == (batch * 16 + 1,)
+        assert torch.equal(got[:want.numel()], want) and bool((got[want.numel():] == batch * 16).all())
 
 
 def test_hf_model_compiles_fullgraph():

@@ -102,6 +102,11 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     decode_attention`), so ``S == 1`` is plain decode and ``S > 1`` (continuing a conversation)
     is exact too, one step per column. Outputs at padding positions are 0 or unused values.
 
+    Under ``torch.compile`` (no MoBACache): no graph break on one device (the attention is the
+    custom operator of ``moba_dist/ops.py``, ``cu_seqlens`` comes from ``position_ids`` on the
+    device with a fixed size, the padding check runs inside the operator); inside
+    ``context_parallel`` the attention runs eagerly outside the graph (one break per layer).
+
     Raises ValueError for padding masks without a MoBACache, dropout > 0, non-causal modules,
     sliding windows, softcapping, key lengths other than the query length without a MoBACache
     (e.g. a ``DynamicCache``), and NotImplementedError for a MoBACache inside
