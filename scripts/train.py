@@ -214,7 +214,8 @@ def compile_layers(lm: nn.Module, backend: str) -> None:
 
 
 def graph_breaks() -> int:
-    """Graph breaks torch.compile has met in this process so far."""
+    """Graph breaks torch.compile has met in this process so far, over all its compilations
+    (every layer, training and evaluation, each retry of a frame): 0 means none anywhere."""
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
