@@ -101,6 +101,15 @@ def check_scale(softmax_scale, head_dim: int) -> float:
     return scale
 
 
+def check_max_seqlen_form(max_seqlen) -> int:
+    """``max_seqlen`` is an int >= 0 (compared with the longest sequence where ``cu_seqlens`` is
+    read); a ``torch.SymInt`` (``torch.compile``'s dynamic int) passes through as it is."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt)) \
+            or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence, got {max_seqlen!r}")
+    return max_seqlen if isinstance(max_seqlen, torch.SymInt) else int(max_seqlen)
+
+
 def check_max_seqlen(max_seqlen, longest: int) -> int:
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < longest:
         raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")

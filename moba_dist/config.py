@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._validation import check_cu_seqlens, check_positive_int, check_qkv, check_scale
+from ._validation import check_cu_seqlens, check_cu_seqlens_form, check_positive_int, check_qkv, check_scale
 from .kernels import get_backend
 from .moba import causal_attn_varlen, moba_attn_varlen
+from .ops import moba_attention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
 from .stats import MoBAStats, record
 
@@ -78,10 +79,18 @@ class MoBAConfig:
 
         Shapes as in :func:`moba_attn_varlen_cp`: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]``, global
         int32 ``cu_seqlens [B + 1]``; returns ``[n, Hq, D]`` in q's dtype.
+
+        Under ``torch.compile``: one device is one custom operator (no graph break), context
+        parallel runs eagerly outside the graph (one graph break).
         """
         full = self.is_full(layer_idx)
         if group is None and not (dist.is_available() and dist.is_initialized()):
             check_qkv(q, k, v)
+            if torch.compiler.is_compiling():  # one custom op, no graph break (moba_dist.ops)
+                scale = check_scale(softmax_scale, q.shape[-1])
+                check_cu_seqlens_form(cu_seqlens, q.device)
+                return moba_attention(q, k, v, cu_seqlens, self.chunk_size, self.topk, scale, full=full,
+                                      backend=backend)
             if not full:
                 cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
                 return moba_attn_varlen(q, k, v, cu, int(cu.diff().max()), self.chunk_size, self.topk,

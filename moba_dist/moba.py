@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_cu_seqlens, check_max_seqlen, check_positive_int, check_qkv, check_scale
+from ._validation import (
+    check_cu_seqlens,
+    check_cu_seqlens_form,
+    check_max_seqlen,
+    check_max_seqlen_form,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+)
 from .kernels import get_backend, varlen_attn_with_lse
+from .ops import moba_attention
 from .parallel.moba_cp import moba_pipeline
 from .stats import MoBAStats, record
 
@@ -73,11 +82,19 @@ def moba_attn_varlen(
 
     Host syncs: ``cu_seqlens`` is read on the host once, and the per-(head, block) selection
     counts once, to size the varlen kernels.
+
+    Under ``torch.compile`` the call is one custom operator (``moba_dist.ops.moba_fwd``, its
+    backward ``moba_bwd``): no graph break; the checks that read ``cu_seqlens`` and the host
+    syncs run inside it, and its backward plans again from the forward's selection.
     """
     check_qkv(q, k, v)
     chunk = check_positive_int("moba_chunk_size", moba_chunk_size)
     topk = check_positive_int("moba_topk", moba_topk)
     scale = check_scale(softmax_scale, q.shape[-1])
+    if torch.compiler.is_compiling():
+        check_cu_seqlens_form(cu_seqlens, q.device)
+        return moba_attention(q, k, v, cu_seqlens, chunk, topk, scale,
+                              max_seqlen=check_max_seqlen_form(max_seqlen), backend=backend)
     get_backend(q.device, q.dtype, q.shape[-1], backend)  # an unusable backend fails before any work
     cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     longest = int(cu.diff().max())

@@ -6,15 +6,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_cu_seqlens, check_qkv, check_scale
+from ._graph import outside_graph
+from ._validation import check_cu_seqlens, check_cu_seqlens_form, check_qkv, check_scale
 from .config import MoBAConfig
 from .moba import causal_attn_varlen, moba_attn_varlen
+from .ops import PADDING_ERROR, moba_attention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
+
+
+def _cp_attention(full: bool, config: MoBAConfig, q, k, v, cu_seqlens, group, softmax_scale, valid):
+    """The context-parallel functions (under ``torch.compile`` called through
+    :func:`~moba_dist._graph.outside_graph`: their collectives and host syncs run eagerly, one graph
+    break per call)."""
+    if valid is not None and not bool(valid.all()):
+        raise ValueError(PADDING_ERROR)
+    if full:
+        return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale)
+    return moba_attn_varlen_cp(q, k, v, cu_seqlens, config.chunk_size, config.topk, group=group,
+                               softmax_scale=softmax_scale)
+
+
+_cp_attention_outside_graph = outside_graph(_cp_attention)
 
 
 def layer_attention(config: MoBAConfig, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor, *, context_parallel: bool, group=None,
-                    softmax_scale: float | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of layer ``layer_idx`` under ``config``'s schedule, ``q [n, Hq, D]``, ``k, v
     [n, Hkv, D]`` -> ``[n, Hq, D]``.
 
@@ -22,14 +39,24 @@ def layer_attention(config: MoBAConfig, layer_idx: int, q: torch.Tensor, k: torc
     communicated, even when a default process group exists (data-parallel training).
     ``context_parallel=True``: they are this rank's slice of the global stream ``cu_seqlens``,
     and the CP functions run over ``group`` (``None``: the default group).
+    ``valid``: optional bool mask (an HF ``attention_mask``) that must be all True (ValueError
+    on padding).
+
+    Under ``torch.compile``: one device runs as the custom operator ``moba_dist::moba_fwd``
+    (no graph break; ``cu_seqlens`` and ``valid`` are read inside it); context parallel runs
+    eagerly outside the graph (one graph break).
     """
     full = config.is_full(layer_idx)
     if context_parallel:
-        if full:
-            return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale)
-        return moba_attn_varlen_cp(q, k, v, cu_seqlens, config.chunk_size, config.topk, group=group,
-                                   softmax_scale=softmax_scale)
+        run = _cp_attention_outside_graph if torch.compiler.is_compiling() else _cp_attention
+        return run(full, config, q, k, v, cu_seqlens, group, softmax_scale, valid)
     check_qkv(q, k, v)
+    if torch.compiler.is_compiling():
+        check_cu_seqlens_form(cu_seqlens)
+        return moba_attention(q, k, v, cu_seqlens, config.chunk_size, config.topk,
+                              check_scale(softmax_scale, q.shape[-1]), full=full, valid=valid)
+    if valid is not None and not bool(valid.all()):
+        raise ValueError(PADDING_ERROR)
     cu = check_cu_seqlens(cu_seqlens, q.shape[0])
     if full:
         return causal_attn_varlen(q, k, v, cu, check_scale(softmax_scale, q.shape[-1]), None)

@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, help="held-out batches per data-parallel replica")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the decoder layers")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (one device: one graph per layer, MoBA a custom op "
+                        "in it; under CP the attention runs eagerly between two graphs)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     p.add_argument("--out-dir", default="runs/train")
     p.add_argument("--ckpt-dir", default=None, help="write checkpoints here (torch.distributed.checkpoint)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
@@ -200,6 +204,23 @@ def shard_model(model: LossModel, world_mesh, device: torch.device) -> None:
     fully_shard(model, mesh=world_mesh, mp_policy=mp)
 
 
+def compile_layers(lm: nn.Module, backend: str) -> None:
+    """``torch.compile`` every decoder layer in place (parameter names unchanged, so checkpoints
+    load either way). Without CP a layer is one graph (moba_dist's attention is a custom op in
+    it, ``moba_dist/ops.py``); under CP the attention's collectives run eagerly, outside the
+    graph (one graph break per layer)."""
+    for layer in lm.model.layers:
+        layer.compile(backend=backend)
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met in this process so far, over all its compilations
+    (every layer, training and evaluation, each retry of a frame): 0 means none anywhere."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 # ----------------------------------------------------------------------------------------------
 # Batches and steps
 
@@ -239,6 +260,8 @@ class Runner:
         # over every rank, and a gradient reduction over it covers both dimensions at once.
         shard_model(self.model, init_device_mesh(device.type, (self.world,), mesh_dim_names=("dp_cp",)),
                     device)
+        if args.compile:
+            compile_layers(lm, args.compile_backend)
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                        weight_decay=0.1, eps=1e-8)
 
@@ -536,6 +559,8 @@ def main(argv=None) -> dict:
         "peak_mem_gib_per_rank": peaks,
         "peak_mem_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "max RSS",
         "final_loss": round(sum(last) / len(last), 4) if last else None,  # mean of the last 10 steps
+        "compile": args.compile_backend if args.compile else None,
+        "graph_breaks": graph_breaks() if args.compile else None,
         "eval_loss": round(row["eval_loss"], 4), "eval_acc": round(row["eval_acc"], 4),
         "chance_acc": round(task.chance, 4), "wall_s": round(time.perf_counter() - t_start, 1),
     }

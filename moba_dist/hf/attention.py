@@ -13,16 +13,13 @@ import torch
 
 from ..config import MoBAConfig
 from ..module import layer_attention
+from ..ops import PADDING_ERROR
 from .context import active_context
-from .packing import cu_seqlens_from_position_ids
+from .packing import cu_seqlens_from_position_ids, cu_seqlens_padded
 
 # The attribute by which MoBACacheLayer.update tags the key/value tensors it returns
 # (moba_dist/hf/cache.py, which imports transformers; this module does not).
 CACHE_TAG = "_moba_cache_layer"
-
-_PADDING_ERROR = ("attention_mask: moba_dist does not support padding; pack the sequences into one row "
-                  "with position_ids restarting at 0 instead (or generate with moba_dist.hf.MoBACache, "
-                  "which takes left-padded batches)")
 
 
 def moba_config(config) -> MoBAConfig:
@@ -105,6 +102,11 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     decode_attention`), so ``S == 1`` is plain decode and ``S > 1`` (continuing a conversation)
     is exact too, one step per column. Outputs at padding positions are 0 or unused values.
 
+    Under ``torch.compile`` (no MoBACache): no graph break on one device (the attention is the
+    custom operator of ``moba_dist/ops.py``, ``cu_seqlens`` comes from ``position_ids`` on the
+    device with a fixed size, the padding check runs inside the operator); inside
+    ``context_parallel`` the attention runs eagerly outside the graph (one break per layer).
+
     Raises ValueError for padding masks without a MoBACache, dropout > 0, non-causal modules,
     sliding windows, softcapping, key lengths other than the query length without a MoBACache
     (e.g. a ``DynamicCache``), and NotImplementedError for a MoBACache inside
@@ -135,9 +137,15 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return _cached_attention(layer, moba_config(config), layer_idx, query, key, value, attention_mask,
                                  scaling), None
 
-    if attention_mask is not None and (not isinstance(attention_mask, PaddingMask)
-                                       or attention_mask.has_padding()):
-        raise ValueError(_PADDING_ERROR)  # not a PaddingMask: a 4-D mask built by someone else
+    compiling = torch.compiler.is_compiling()
+    valid = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, PaddingMask):
+            raise ValueError(PADDING_ERROR)  # a 4-D mask built by someone else
+        if compiling:
+            valid = attention_mask.mask  # checked inside the attention op (no host read here)
+        elif attention_mask.has_padding():
+            raise ValueError(PADDING_ERROR)
     batch, heads, seqlen, _ = query.shape
     if key.shape[2] != seqlen:
         raise ValueError(f"key: {key.shape[2]} keys for {seqlen} queries; moba_dist decodes only with its "
@@ -152,13 +160,15 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         cu = cp.cu_seqlens
     elif kwargs.get("cu_seq_lens_q") is not None and batch == 1:
         cu = kwargs["cu_seq_lens_q"]
+    elif compiling:
+        cu = cu_seqlens_padded(kwargs.get("position_ids"), batch, seqlen)
     else:
         cu = _cu_seqlens_once(kwargs.get("position_ids"), batch, seqlen)
     # [B, H, S, D] -> [B * S, H, D]: a strided view when B == 1 (the kernels take strided rows;
     # keys/values become head-major again inside, for free); one copy otherwise.
     q, k, v = (t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = layer_attention(moba_config(config), layer_idx, q, k, v, cu, context_parallel=cp is not None,
-                          group=cp.group if cp is not None else None, softmax_scale=scaling)
+                          group=cp.group if cp is not None else None, softmax_scale=scaling, valid=valid)
     return out.reshape(batch, seqlen, heads, out.shape[-1]), None
 
 

@@ -46,6 +46,25 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor | None, batch: int, 
     return torch.cat([idx, torch.tensor([total])]).to(torch.int32)
 
 
+def cu_seqlens_padded(position_ids: torch.Tensor | None, batch: int, seqlen: int) -> torch.Tensor:
+    """:func:`cu_seqlens_from_position_ids` with a fixed size and no host read, for
+    ``torch.compile``: int32 ``[batch * seqlen + 1]`` on ``position_ids``' device, the same
+    boundaries followed by repeats of the total (empty sequences at the end, which the
+    attention drops). Without ``position_ids``: ``[batch + 1]`` on the CPU, as there."""
+    if position_ids is None:
+        return cu_seqlens_from_position_ids(None, batch, seqlen)
+    pos = as_rows(position_ids, "position_ids")
+    if pos.shape[-1] != seqlen or pos.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must be [{batch} or 1, {seqlen}], got shape {tuple(pos.shape)}")
+    total = batch * seqlen
+    col = torch.arange(seqlen, device=pos.device)
+    starts = ((pos == 0) | (col == 0)).expand(batch, seqlen).reshape(-1)
+    index = torch.arange(total, device=pos.device)
+    # Start positions in order, then the total wherever a token starts nothing.
+    cu = torch.where(starts, index, total).sort().values
+    return torch.cat([cu, cu.new_full((1,), total)]).to(torch.int32)
+
+
 def shift_labels_packed(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Next-token targets of a flat packed stream ``labels [T]``: ``out[t] = labels[t + 1]``,
     and ``-100`` at the last token of each sequence (``cu_seqlens`` host int ``[N + 1]``) so no
@@ -112,5 +131,5 @@ def shard_batch(input_ids: torch.Tensor, position_ids: torch.Tensor | None, labe
     return out, cu, slice(a, b)
 
 
-__all__ = ["cu_seqlens_from_position_ids", "shard_batch", "shift_labels", "shift_labels_packed",
-           "slice_offsets"]
+__all__ = ["cu_seqlens_from_position_ids", "cu_seqlens_padded", "shard_batch", "shift_labels",
+           "shift_labels_packed", "slice_offsets"]

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .._graph import outside_graph
 from .._validation import (
     check_cu_seqlens_form,
     check_cu_seqlens_values,
@@ -161,7 +162,12 @@ def moba_attn_varlen_cp(
     When ``moba_topk * moba_chunk_size`` covers the longest sequence, every past block would be
     selected and MoBA *is* full causal attention: the call then runs
     :func:`ring_attn_varlen_cp` instead (statistics ``path="ring"``, one host sync).
+
+    Under ``torch.compile`` the call runs eagerly outside the graph (one graph break).
     """
+    if torch.compiler.is_compiling():  # eagerly, outside the graph: collectives and host syncs
+        return _moba_cp_outside_graph(q, k, v, cu_seqlens, moba_chunk_size, moba_topk, group=group,
+                                      softmax_scale=softmax_scale, backend=backend)
     comm, agreed, scale, impl, (chunk, topk) = _open(
         "moba_attn_varlen_cp", group, q, k, v, cu_seqlens, softmax_scale, backend, None,
         chunk_topk=(moba_chunk_size, moba_topk))
@@ -217,9 +223,17 @@ def ring_attn_varlen_cp(
     reversed in backward), keys/values around the ring with double buffering, and dK/dV
     accumulators around the ring in backward. See ``parallel/ring.py``.
     Host syncs: one (the handshake table and ``cu_seqlens`` to the host, to plan the layouts).
+    Under ``torch.compile`` the call runs eagerly outside the graph (one graph break).
     """
+    if torch.compiler.is_compiling():  # eagerly, outside the graph: collectives and host syncs
+        return _ring_cp_outside_graph(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
+                                      backend=backend, impl=impl)
     comm, agreed, scale, impl, _ = _open("ring_attn_varlen_cp", group, q, k, v, cu_seqlens,
                                          softmax_scale, backend, impl)
     out = ring_pipeline(q, k, v, agreed.cu_seqlens, agreed.offsets, scale, comm, backend, impl)
     _record_ring(comm, q.shape[0])
     return out
+
+
+_moba_cp_outside_graph = outside_graph(moba_attn_varlen_cp)
+_ring_cp_outside_graph = outside_graph(ring_attn_varlen_cp)
