@@ -508,8 +508,9 @@ def _fused_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
     f = meta.fused
     k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
     cfg = replace(DEFAULT_CONFIG, max_partial_bytes=_partial_bytes(meta))
+    # The self part's output is dead after the merge: the result is written over it.
     return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
-                             self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg)
+                             self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg, in_place=True)
 
 
 def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):

@@ -487,7 +487,8 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
                       chunk: int, softmax_scale: float | None = None, *,
                       self_out: torch.Tensor | None = None, self_lse: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.float32,
-                      config: SelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: SelConfig | None = None, in_place: bool = False,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every (query, head) over the union of its selected segments,
     optionally merged with another key set's result (the query's own block).
 
@@ -498,6 +499,8 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         self_out, self_lse: optional ``[n, Hq, D]`` (any float dtype) and ``[Hq, n]`` float32
             result over a disjoint key set, folded into the same merge pass.
         out_dtype: dtype of the returned output.
+        in_place: write the result over ``self_out, self_lse`` when their dtypes and layouts
+            allow (saves an ``[n, Hq, D]`` output; the self part is consumed).
 
     Returns:
         ``out [n, Hq, D]`` and ``lse [Hq, n]`` float32 (natural log; ``-inf`` and output 0 for a
@@ -514,8 +517,13 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if has_self and (self_out.shape != q.shape or self_lse.shape != (hq, n)):
         raise ValueError(f"self_out, self_lse: expected {tuple(q.shape)} and {(hq, n)}, got "
                          f"{tuple(self_out.shape)} and {tuple(self_lse.shape)}")
-    out = torch.empty(n, hq, d, dtype=out_dtype, device=q.device)
-    lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    if in_place and has_self and self_out.dtype == out_dtype and self_out.is_contiguous() \
+            and self_lse.dtype == torch.float32 and self_lse.is_contiguous():
+        # Each merge program reads its rows of the self part before writing the same rows.
+        out, lse = self_out, self_lse
+    else:
+        out = torch.empty(n, hq, d, dtype=out_dtype, device=q.device)
+        lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
     if n == 0:
         return out, lse
     nseg = seg_start.numel()
