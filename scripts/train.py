@@ -44,6 +44,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from train_data import RetrievalTask, make_batch
 from train_log import MetricsLog
 from train_loss import chunked_lm_loss, retrieval_counts
+from train_mlp import chunk_mlps
 
 PRESETS = {
     # 2 CPU cores, gloo, float32: a few minutes end to end, accuracy far above chance.
@@ -84,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, help="held-out batches per data-parallel replica")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the decoder layers")
+    p.add_argument("--mlp-chunk", type=int, default=None,
+                   help="run each MLP over the sequence in chunks of N tokens, each checkpointed "
+                        "(scripts/train_mlp.py; 0: off; default: 131072 when a sequence exceeds 524288 "
+                        "tokens, else off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (one device: one graph per layer, MoBA a custom op "
                         "in it; under CP the attention runs eagerly between two graphs)")
@@ -125,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.resume and not args.ckpt_dir:
         p.error("--resume needs --ckpt-dir")
+    if args.mlp_chunk is None:
+        args.mlp_chunk = 131072 if args.seq_len > 524288 else 0
     return args
 
 
@@ -172,6 +179,8 @@ def build_model(args, task: RetrievalTask, device: torch.device) -> nn.Module:
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="moba_dist", dtype=torch.float32)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.mlp_chunk:
+        chunk_mlps(model.model.layers, args.mlp_chunk)
     return model.to(device)
 
 

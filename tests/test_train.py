@@ -176,3 +176,33 @@ def test_train_compile_one_process(tmp_path):
     assert len(compiled_losses) == 3
     assert max(abs(a - b) for a, b in zip(compiled_losses, eager_losses)) <= 1e-5, (compiled_losses,
                                                                                     eager_losses)
+
+
+def test_chunked_mlp_is_the_same_function_with_the_same_gradients():
+    """train.py --mlp-chunk: a Llama MLP run in checkpointed chunks along the sequence gives the
+    unchunked output and gradients (float64), and keeps its parameter names."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from train_mlp import chunk_mlps
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = LlamaMLP(cfg).double()
+
+    chunked, plain = Layer(), Layer()
+    plain.load_state_dict(chunked.state_dict())
+    chunk_mlps([chunked], 7)
+    assert list(chunked.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 50, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 50, 16, dtype=torch.float64)
+    y, y_ref = chunked.mlp(x), plain.mlp(x)
+    assert (y - y_ref).abs().max() < 1e-12
+    grads = torch.autograd.grad(y, [x, *chunked.parameters()], g)
+    ref = torch.autograd.grad(y_ref, [x, *plain.parameters()], g)
+    for a, b in zip(grads, ref):
+        assert (a - b).abs().max() < 1e-12
