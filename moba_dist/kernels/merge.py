@@ -83,7 +83,8 @@ class LSEAccumulator:
     def __init__(self, out: torch.Tensor, lse: torch.Tensor):
         self.dtype = accum_dtype(out.dtype)
         self.m = lse.to(self.dtype, copy=True)
-        seen = torch.isfinite(self.m)
+        # -inf: the row saw no key. NaN is "seen" (its output stays NaN: NaN in, NaN out).
+        seen = self.m != float("-inf")
         self.l = seen.to(self.dtype)
         self.acc = out.to(self.dtype, copy=True).masked_fill_(~seen[:, None], 0)
 
