@@ -31,6 +31,7 @@ import torch
 from torch.profiler import record_function
 
 from .kernels import AttnBackend, LSEAccumulator, accum_dtype, index_add_rows
+from .memory import workspace_limit
 from .parallel.comm import Comm
 
 
@@ -51,8 +52,9 @@ class KVFetch:
     """The all-to-all that brings this rank the key/value rows it selected from other ranks.
 
     Rows are head-major pairs ``[rows, 2, D]`` (key, value). ``send_index [sum(send_splits)]``
-    are rows of the local head-major K/V sent to each destination in rank order; received rows
-    come in source order. ``comm=None`` (one device) sends nothing.
+    are head-major rows ``g * n + t`` of the local K/V (see :func:`head_major`; gathered from
+    ``k, v`` directly, no head-major copy is made) sent to each destination in rank order;
+    received rows come in source order. ``comm=None`` (one device) sends nothing.
     """
 
     comm: Comm | None
@@ -61,19 +63,22 @@ class KVFetch:
     recv_splits: list[int]
     wire_dtype: torch.dtype = torch.bfloat16  # K/V dtype: what gradients travel back in
 
-    def start(self, kv_hm: torch.Tensor, name: str = "kv_fetch"):
-        """Post the fetch of rows from ``kv_hm [Hkv * n, 2, D]``; returns a handle to ``wait()``."""
+    def start(self, k: torch.Tensor, v: torch.Tensor, name: str = "kv_fetch"):
+        """Post the fetch of rows of the local ``k, v [n, Hkv, D]``; returns a handle to
+        ``wait()``."""
         if self.comm is None:
-            return _Ready(kv_hm.new_empty(0, *kv_hm.shape[1:]))
-        return self.comm.start_all_to_all(kv_hm[self.send_index], self.send_splits,
-                                          self.recv_splits, name)
+            return _Ready(k.new_empty(0, 2, k.shape[-1]))
+        rows = token_rows(self.send_index, k.shape[0], k.shape[1])
+        send = torch.stack([_flat(k)[rows], _flat(v)[rows]], 1)
+        return self.comm.start_all_to_all(send, self.send_splits, self.recv_splits, name)
 
     def return_grads(self, dk_recv: torch.Tensor, dv_recv: torch.Tensor, dk_loc: torch.Tensor,
-                     dv_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     dv_loc: torch.Tensor, hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Send the gradients of the received rows (``[R, D]`` each) back and add what comes back
-        to the owner's head-major rows ``dk_loc, dv_loc [Hkv * n, D]``; returns those (in the
-        accumulation dtype when anything came back). A row that several ranks fetched gets their
-        contributions in source order, so the sum is deterministic."""
+        to the owner's rows ``dk_loc, dv_loc [n * Hkv, D]`` (token-major, row ``t * Hkv + g``:
+        ``dk.view(-1, D)``); returns those (in the accumulation dtype when anything came back).
+        A row that several ranks fetched gets their contributions in source order, so the sum is
+        deterministic."""
         if self.comm is None:
             return dk_loc, dv_loc
         back = self.comm.start_all_to_all(torch.stack([dk_recv, dv_recv], 1).to(self.wire_dtype),
@@ -86,7 +91,7 @@ class KVFetch:
         for count in self.send_splits:
             if count:
                 # A source sends each row at most once: gather, add, scatter (no atomics).
-                rows = self.send_index[start:start + count]
+                rows = token_rows(self.send_index[start:start + count], dk_loc.shape[0] // hkv, hkv)
                 dk_loc[rows] = dk_loc[rows] + back[start:start + count, 0].to(acc)
                 dv_loc[rows] = dv_loc[rows] + back[start:start + count, 1].to(acc)
             start += count
@@ -266,9 +271,16 @@ def _pick(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def head_major(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``[Hkv * n, 2, D]``: row ``g * n + t`` holds (key, value) of local token ``t``, head ``g``;
-    every (head, block part) is then a contiguous range of rows."""
+    every (head, block part) is then a contiguous range of rows. The plan numbers local K/V rows
+    this way; only the fused kernel reads such a copy (the varlen path gathers from ``k, v``
+    through :func:`token_rows`)."""
     n, hkv, d = k.shape
     return torch.stack([k, v], 1).permute(2, 0, 1, 3).reshape(hkv * n, 2, d)
+
+
+def token_rows(hm_rows: torch.Tensor, n: int, hkv: int) -> torch.Tensor:
+    """Head-major rows ``g * n + t`` as rows ``t * Hkv + g`` of ``k.view(-1, D)``."""
+    return hm_rows % max(n, 1) * hkv + hm_rows // max(n, 1)
 
 
 def _pool(recv: torch.Tensor, kv_hm: torch.Tensor) -> torch.Tensor:
@@ -276,9 +288,20 @@ def _pool(recv: torch.Tensor, kv_hm: torch.Tensor) -> torch.Tensor:
     return kv_hm if recv.shape[0] == 0 else torch.cat([recv, kv_hm])
 
 
-def _segment_kv(pool: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of pool rows ``idx`` as two contiguous ``[len(idx), 1, D]`` tensors."""
-    return pool[:, 0][idx].unsqueeze(1), pool[:, 1][idx].unsqueeze(1)
+def _segment_kv(recv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of pool rows ``idx`` (received rows ``[0, R)``, then the local rows in
+    head-major order) as two contiguous ``[len(idx), 1, D]`` tensors, gathered from ``recv`` and
+    ``k, v`` without building the pool."""
+    r, (n, hkv, _) = recv.shape[0], k.shape
+    local = token_rows((idx - r).clamp_min(0), n, hkv)
+    kb, vb = _flat(k)[local], _flat(v)[local]
+    if r:
+        here = (idx >= r)[:, None]
+        far = idx.clamp_max(r - 1)
+        kb = torch.where(here, kb, recv[:, 0][far])
+        vb = torch.where(here, vb, recv[:, 1][far])
+    return kb.unsqueeze(1), vb.unsqueeze(1)
 
 
 class MoBACore(torch.autograd.Function):
@@ -353,18 +376,18 @@ def core_forward(q, k, v, meta: CoreMeta):
     be, scale = meta.backend, meta.softmax_scale
     n, hq, _ = q.shape
     with record_function("moba.fetch.start"):
-        kv_hm = head_major(k, v)
-        pending = meta.fetch.start(kv_hm)  # in flight while the self part runs
+        pending = meta.fetch.start(k, v)  # in flight while the self part runs
     with record_function("moba.self"):
         if n:
-            out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self,
-                                  meta.max_self, scale, True)
+            with workspace_limit(meta.workspace):
+                out, lse = be.forward(q, k, v, meta.cu_self, meta.cu_self, meta.max_self,
+                                      meta.max_self, scale, True)
         else:
             out, lse = torch.zeros_like(q), q.new_zeros(hq, 0, dtype=accum_dtype(q.dtype))
     with record_function("moba.fetch.wait"):
         recv = pending.wait()
     with record_function("moba.selected"):
-        out, lse = _selected_forward(q, recv, kv_hm, out, lse, meta)
+        out, lse = _selected_forward(q, k, v, recv, out, lse, meta)
     return out, lse, recv
 
 
@@ -375,39 +398,41 @@ def core_backward(dout, q, k, v, out, lse, meta: CoreMeta, recv: torch.Tensor | 
     n = q.shape[0]
     dout = dout.contiguous()
     with record_function("moba.bwd.fetch.start"):
-        kv_hm = head_major(k, v)
-        pending = _Ready(recv) if recv is not None else meta.fetch.start(kv_hm, "kv_fetch.refetch")
+        pending = _Ready(recv) if recv is not None else meta.fetch.start(k, v, "kv_fetch.refetch")
     with record_function("moba.bwd.self"):
         if n:
-            dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
-                                     meta.max_self, meta.max_self, scale, True)
+            with workspace_limit(meta.workspace):
+                dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
+                                         meta.max_self, meta.max_self, scale, True)
         else:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = dk.contiguous(), dv.contiguous()  # the selected part adds into their flat views
     with record_function("moba.bwd.fetch.wait"):
         recv = pending.wait()
     with record_function("moba.bwd.selected"):
-        dq, dk_pool, dv_pool = _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
-    del kv_hm, recv
+        # Adds the local rows' key and value gradients into the self part's ``dk, dv`` in place.
+        dq, dk_recv, dv_recv = _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta)
+    del recv
     with record_function("moba.bwd.return_grads"):
-        n_recv = dk_pool.shape[0] - k.shape[1] * n
-        dk_loc, dv_loc = meta.fetch.return_grads(dk_pool[:n_recv], dv_pool[:n_recv], dk_pool[n_recv:],
-                                                 dv_pool[n_recv:])
-    # Head-major [Hkv * n, D] -> [n, Hkv, D] views, added in place: one rounding of the sum of
-    # the self part's and the selected part's gradients, no float32 copy of either.
-    hkv, d = k.shape[1], k.shape[-1]
-    dk = dk.add_(dk_loc.view(hkv, n, d).transpose(0, 1))
-    dv = dv.add_(dv_loc.view(hkv, n, d).transpose(0, 1))
-    return dq.to(q.dtype), dk, dv
+        dk_loc, dv_loc = meta.fetch.return_grads(dk_recv, dv_recv, _flat(dk), _flat(dv), k.shape[1])
+    return dq.to(q.dtype), dk_loc.view(k.shape).to(k.dtype), dv_loc.view(v.shape).to(v.dtype)
 
 
-def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
+def kernel_share(budget: int) -> int:
+    """The part of a call's workspace budget that the varlen kernel's tiles get while a
+    selected-part batch is alive (``moba_dist.memory.workspace_limit``, read by the torch
+    backend); the window's accumulators and the batch's own buffers share the rest (see
+    ``parallel/moba_cp.py``), so that all three together stay within the budget."""
+    return budget // 4
+
+
+def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
     """Merge the selected part into the self part's ``out [n, Hq, D]``, ``lse [Hq, n]``."""
     if meta.fused is not None:
-        return _fused_forward(q, recv, kv_hm, out, lse, meta)
+        return _fused_forward(q, recv, head_major(k, v), out, lse, meta)
     if not meta.sel_batches:
         return out, lse
     n, hq, _ = q.shape
-    pool = _pool(recv, kv_hm)
     # The self part's output is final outside the selected rows and is overwritten in place
     # inside them (a window's merged rows are written over it).
     out_rows, lse_rows = _flat(out), lse.t().reshape(-1)
@@ -417,11 +442,13 @@ def _selected_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
         merged = LSEAccumulator(out_rows[r0:r1], lse_rows[r0:r1])
         for b in batches:
             rows = meta.pair_row[b.pairs].long()
-            k_b, v_b = _segment_kv(pool, meta.seg_index[b.rows])
-            o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
-                                                  meta.max_k_sel, meta.softmax_scale, False)
+            k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
+            with workspace_limit(kernel_share(meta.workspace)):
+                o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
+                                                      meta.max_k_sel, meta.softmax_scale, False)
+            del k_b, v_b
             merged.add(o_sel[:, 0], lse_sel[0], rows - r0)
-            del rows, k_b, v_b, o_sel, lse_sel  # before the next batch's buffers are made
+            del rows, o_sel, lse_sel  # before the next batch's buffers are made
         _, lse_rows[r0:r1] = merged.result(out=out_rows[r0:r1])
         del merged
     return out_rows.view(n, hq, -1).to(q.dtype), lse_rows.view(n, hq).t().contiguous()
@@ -444,18 +471,23 @@ def _window_range(w: int, window: int, n: int, hq: int) -> tuple[int, int]:
     return w * window * hq, min(n, (w + 1) * window) * hq
 
 
-def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
+def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta):
     """Selected part's backward: ``dq`` (the self part's ``dq`` plus the selected part's) and the
-    key and value gradients of every pool row, ``dk_pool, dv_pool [R + Hkv * n, D]`` (received
-    rows first, then local head-major rows)."""
+    key and value gradients of the received rows, ``dk_recv, dv_recv [R, D]``; those of the local
+    rows are added into ``dk, dv [n, Hkv, D]`` (the self part's, contiguous) in place."""
+    r, (n, hkv, d) = recv.shape[0], k.shape
     if meta.fused is not None:
-        return _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta)
-    pool = _pool(recv, kv_hm)
-    # A pool row gets one gradient per batch that reads it: from each piece of a split segment
+        dq, dk_pool, dv_pool = _fused_backward(dout, q, out, lse, recv, head_major(k, v), dq, meta)
+        dk.add_(dk_pool[r:].view(hkv, n, d).transpose(0, 1))
+        dv.add_(dv_pool[r:].view(hkv, n, d).transpose(0, 1))
+        return dq, dk_pool[:r], dv_pool[:r]
+    # A key row gets one gradient per batch that reads it: from each piece of a split segment
     # and, where a causal prefix overlaps a selected block, from both. Batches add in order, and
     # within one batch ``index_put_(accumulate=True)`` adds duplicates deterministically (CPU:
-    # in index order; CUDA: sorted), so the result does not vary from run to run.
-    dpool = torch.zeros_like(pool)
+    # in index order; CUDA: sorted), so the result does not vary from run to run. The local rows'
+    # gradients go straight into the self part's ``dk, dv`` (no pool-sized gradient buffer).
+    dkv_recv = k.new_zeros(r, 2, d)
+    dk_flat, dv_flat = _flat(dk), _flat(dv)
     if meta.sel_batches:
         acc = accum_dtype(q.dtype)
         n, hq, _ = q.shape
@@ -469,19 +501,29 @@ def _selected_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
             for b in batches:
                 rows = meta.pair_row[b.pairs].long()
                 idx = meta.seg_index[b.rows]
-                k_b, v_b = _segment_kv(pool, idx)
-                dq_b, dk_b, dv_b = meta.backend.backward(
-                    _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
-                    lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q, meta.max_k_sel,
-                    meta.softmax_scale, False)
+                k_b, v_b = _segment_kv(recv, k, v, idx)
+                with workspace_limit(kernel_share(meta.workspace)):
+                    dq_b, dk_b, dv_b = meta.backend.backward(
+                        _pick(dout, rows), _pick(q, rows), k_b, v_b, _pick(out, rows),
+                        lse_rows[rows].unsqueeze(0).contiguous(), b.cu_q, b.cu_k, b.max_q,
+                        meta.max_k_sel, meta.softmax_scale, False)
                 del k_b, v_b
                 index_add_rows(dq_w, rows - r0, dq_b[:, 0].to(acc))  # a row repeats once per block
-                dpool.index_put_((idx,), torch.cat([dk_b, dv_b], 1), accumulate=True)
-                del rows, idx, dq_b, dk_b, dv_b
+                dk_b, dv_b = dk_b[:, 0].to(dk.dtype), dv_b[:, 0].to(dv.dtype)
+                local = token_rows((idx - r).clamp_min(0), n, hkv)
+                if r:  # rows of both kinds in one batch: each side adds zeros for the other's rows
+                    here = (idx >= r)[:, None]
+                    far = idx.clamp_max(r - 1)
+                    dkv_recv.index_put_((far,), torch.stack([dk_b, dv_b], 1) * ~here[:, :, None],
+                                        accumulate=True)
+                    dk_b, dv_b = dk_b * here, dv_b * here
+                dk_flat.index_put_((local,), dk_b, accumulate=True)
+                dv_flat.index_put_((local,), dv_b, accumulate=True)
+                del rows, idx, dq_b, dk_b, dv_b, local
             dq_rows[r0:r1] = dq_w
             del dq_w
         dq = dq_rows.view(q.shape)
-    return dq, dpool[:, 0], dpool[:, 1]
+    return dq, dkv_recv[:, 0], dkv_recv[:, 1]
 
 
 def _fused_pools(recv, kv_hm, meta: CoreMeta):

@@ -19,6 +19,9 @@ The accounting per buffer is documented where the buffer is made (``core.sel_bat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -64,4 +67,27 @@ def workspace_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return max(MIN_WORKSPACE, own)
 
 
-__all__ = ["WORKSPACE_ENV", "set_workspace_bytes", "workspace_bytes", "workspace_override"]
+_limit: ContextVar[int | None] = ContextVar("moba_dist_workspace_limit", default=None)
+
+
+@contextmanager
+def workspace_limit(nbytes: int) -> Iterator[None]:
+    """Kernel calls inside this block tile their scratch within ``nbytes`` instead of their own
+    inputs' budget: MoBA's selected part runs the kernel on gathered rows (a small ``q``) and
+    gives it the share of the *call's* budget that its batch buffers leave."""
+    token = _limit.set(max(1, int(nbytes)))
+    try:
+        yield
+    finally:
+        _limit.reset(token)
+
+
+def kernel_workspace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """The scratch budget of one kernel call on ``q, k, v``: the innermost
+    :func:`workspace_limit` in force, else :func:`workspace_bytes` of these inputs."""
+    limit = _limit.get()
+    return workspace_bytes(q, k, v) if limit is None else limit
+
+
+__all__ = ["WORKSPACE_ENV", "kernel_workspace", "set_workspace_bytes", "workspace_bytes",
+           "workspace_limit", "workspace_override"]

@@ -37,6 +37,7 @@ from ..core import (
     FusedSel,
     KVFetch,
     MoBACore,
+    kernel_share,
     pair_row_bytes,
     row_window,
     use_fused_selected,
@@ -282,8 +283,10 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
                              num_rows, chunk, in_place=in_place, grad_start=seg_start)
         else:
             # The window's accumulators take their quarter of the budget (more only when one
-            # block's rows need it), the batches the rest.
-            batch_budget = max(budget // 2, budget - window_bytes(window, hq, d, acc_elem))
+            # block's rows need it), the kernel's tiles another quarter (core.kernel_share), the
+            # batches the rest.
+            batch_budget = max(budget // 4, budget - window_bytes(window, hq, d, acc_elem)
+                               - kernel_share(budget))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
