@@ -72,11 +72,12 @@ def moba_attn_varlen(
     ``triton``, ``varlen``) overrides the choice; ``last_stats().selected_kernel`` says which ran.
 
     Memory: every transient buffer (gate tiles, gathered (query, head) rows and key segments,
-    partial outputs, the fused kernel's float32 partial windows, gradient batches) is sized from
-    one byte budget, by default the call's own ``q + k + v + out`` bytes
-    (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or ``set_workspace_bytes`` fix it).
-    Besides that: head-major K/V (``2 * T * Hkv * D``), the selection (``T * Hq * (topk - 1)``
-    int32) and, in backward, the gradients themselves (float32 ``dq`` on the varlen path).
+    partial outputs, the fused kernel's float32 partial windows, gradient batches, the
+    pure-PyTorch kernels' score tiles) is sized from one byte budget, by default the call's own
+    ``q + k + v + out`` bytes (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or
+    ``set_workspace_bytes`` fix it). Besides that: the selection (``T * Hq * (topk - 1)``
+    int32), head-major K/V (``2 * T * Hkv * D``) on the fused kernel's path only, and, in
+    backward, the gradients themselves (float32 ``dq`` on the varlen path).
     Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over memory-bounded
     tiles and batches.
 

@@ -14,9 +14,9 @@ Choose one explicitly with ``backend=`` on the public functions or with the envi
 the variable and the reason.
 
 float32 on CUDA: neither FlashAttention backend runs it, so the automatic choice falls to the
-pure-PyTorch kernels, which are correct but much slower and hold a score tile in memory. That
-choice warns once per process; cast q, k, v to bf16/fp16 for FlashAttention, or name
-``backend="torch"`` to choose it knowingly (no warning).
+pure-PyTorch kernels, which are correct but much slower (score tiles held in memory, within the
+workspace budget of ``moba_dist.memory``). That choice warns once per process; cast q, k, v to
+bf16/fp16 for FlashAttention, or name ``backend="torch"`` to choose it knowingly (no warning).
 """
 
 from __future__ import annotations
