@@ -214,12 +214,13 @@ def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pa
     return batches
 
 
-def window_bytes(window: int, hq: int, head_dim: int, acc_elem: int = 4) -> int:
+def window_bytes(window: int, hq: int, head_dim: int, acc_elem: int = 4, in_place: bool = False) -> int:
     """Bytes of the accumulators (``acc_elem`` bytes per value: float32, float64 for float64
     inputs) of one query window (``window`` tokens x ``hq`` heads): forward, the merged output
-    and its max, normalizer and rescale vectors; backward, ``dq`` (smaller). See
-    :func:`row_window`."""
-    return window * hq * acc_elem * (head_dim + 4)
+    and its max, normalizer and rescale vectors; backward, ``dq`` (smaller). ``in_place``: the
+    inputs are in the accumulation dtype, so the output and ``dq`` accumulate in the self part's
+    own tensors and only the vectors are extra. See :func:`row_window`."""
+    return window * hq * acc_elem * (4 if in_place else head_dim + 4)
 
 
 def row_window(budget: int, n: int, hq: int, head_dim: int, chunk: int, acc_elem: int = 4) -> int:
@@ -439,7 +440,8 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
     for w, batches in _by_window(meta):
         # The window's rows are final after its batches: accumulate them alone in float32.
         r0, r1 = _window_range(w, meta.window_rows, n, hq)
-        merged = LSEAccumulator(out_rows[r0:r1], lse_rows[r0:r1])
+        # (In place when the output already is float32/float64: no copy of the window's rows.)
+        merged = LSEAccumulator(out_rows[r0:r1], lse_rows[r0:r1], in_place=True)
         for b in batches:
             rows = meta.pair_row[b.pairs].long()
             k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
@@ -497,7 +499,8 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
             # The self part's dq of the window in float32 plus every selected pair's, rounded
             # once (as a whole-tensor float32 dq would be), one window at a time.
             r0, r1 = _window_range(w, meta.window_rows, n, hq)
-            dq_w = dq_rows[r0:r1].to(acc, copy=True)
+            # (In place when dq already is in the accumulation dtype.)
+            dq_w = dq_rows[r0:r1].to(acc)
             for b in batches:
                 rows = meta.pair_row[b.pairs].long()
                 idx = meta.seg_index[b.rows]
@@ -520,7 +523,8 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
                 dk_flat.index_put_((local,), dk_b, accumulate=True)
                 dv_flat.index_put_((local,), dv_b, accumulate=True)
                 del rows, idx, dq_b, dk_b, dv_b, local
-            dq_rows[r0:r1] = dq_w
+            if dq_w.dtype != dq_rows.dtype:
+                dq_rows[r0:r1] = dq_w
             del dq_w
         dq = dq_rows.view(q.shape)
     return dq, dkv_recv[:, 0], dkv_recv[:, 1]

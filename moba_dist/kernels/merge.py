@@ -74,19 +74,22 @@ class LSEAccumulator:
     Args:
         out: ``[R, D]`` a first partial output of every row (any float dtype).
         lse: ``[R]`` its log-sum-exp (``-inf``: the row saw no key yet).
+        in_place: when ``out`` is already in the accumulation dtype, accumulate in it (it is
+            overwritten; no ``[R, D]`` copy) instead of in a copy.
 
-    Memory: one ``[R, D]`` accumulator in the accumulation dtype and three ``[R]`` vectors;
-    :meth:`result` normalizes in place and can write into a given output, so no second
-    ``[R, D]`` float32 tensor exists at any time.
+    Memory: one ``[R, D]`` accumulator in the accumulation dtype (none beyond ``out`` with
+    ``in_place``) and three ``[R]`` vectors; :meth:`result` normalizes in place and can write
+    into a given output, so no second ``[R, D]`` float32 tensor exists at any time.
     """
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor):
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, in_place: bool = False):
         self.dtype = accum_dtype(out.dtype)
         self.m = lse.to(self.dtype, copy=True)
         # -inf: the row saw no key. NaN is "seen" (its output stays NaN: NaN in, NaN out).
         seen = self.m != float("-inf")
         self.l = seen.to(self.dtype)
-        self.acc = out.to(self.dtype, copy=True).masked_fill_(~seen[:, None], 0)
+        copy = not (in_place and out.dtype == self.dtype)
+        self.acc = out.to(self.dtype, copy=copy).masked_fill_(~seen[:, None], 0)
 
     def add(self, part_out: torch.Tensor, part_lse: torch.Tensor, index: torch.Tensor) -> None:
         """Merge ``part_out [P, D]`` with log-sum-exp ``part_lse [P]`` into rows ``index [P]``."""
@@ -109,4 +112,12 @@ class LSEAccumulator:
         shift = torch.where(torch.isinf(self.m), torch.zeros_like(self.m), self.m)
         acc = self.acc.div_(safe[:, None])
         self.acc = None
-        return (acc if out is None else out.copy_(acc)), shift + torch.log(self.l)
+        if out is not None and not _same_view(out, acc):
+            acc = out.copy_(acc)
+        return acc, shift + torch.log(self.l)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (an in-place result)."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())

@@ -285,7 +285,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             # The window's accumulators take their quarter of the budget (more only when one
             # block's rows need it), the kernel's tiles another quarter (core.kernel_share), the
             # batches the rest.
-            batch_budget = max(budget // 4, budget - window_bytes(window, hq, d, acc_elem)
+            in_place = accum_dtype(q.dtype) == q.dtype  # the accumulators are the outputs
+            batch_budget = max(budget // 4, budget - window_bytes(window, hq, d, acc_elem, in_place)
                                - kernel_share(budget))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
