@@ -282,12 +282,12 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             fused = FusedSel(sel_seg, runs[2] if in_place else seg_start, seg_len_dev.to(torch.int32),
                              num_rows, chunk, in_place=in_place, grad_start=seg_start)
         else:
-            # The window's accumulators take their quarter of the budget (more only when one
-            # block's rows need it), the kernel's tiles another quarter (core.kernel_share), the
-            # batches the rest.
+            # A quarter of the budget for the window's accumulators (more only when one block's
+            # rows need it; nothing but vectors when they are the outputs themselves), a quarter
+            # for the kernel's tiles (core.kernel_share), the batches at most half.
             in_place = accum_dtype(q.dtype) == q.dtype  # the accumulators are the outputs
-            batch_budget = max(budget // 4, budget - window_bytes(window, hq, d, acc_elem, in_place)
-                               - kernel_share(budget))
+            batch_budget = max(budget // 4, min(budget // 2, budget - kernel_share(budget)
+                                                - window_bytes(window, hq, d, acc_elem, in_place)))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
