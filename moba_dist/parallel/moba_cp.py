@@ -285,9 +285,9 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             # A quarter of the budget for the window's accumulators (more only when one block's
             # rows need it; nothing but vectors when they are the outputs themselves), a quarter
             # for the kernel's tiles (core.kernel_share), the batches at most half.
-            in_place = accum_dtype(q.dtype) == q.dtype  # the accumulators are the outputs
+            acc_is_out = accum_dtype(q.dtype) == q.dtype  # the accumulators are the outputs
             batch_budget = max(budget // 4, min(budget // 2, budget - kernel_share(budget)
-                                                - window_bytes(window, hq, d, acc_elem, in_place)))
+                                                - window_bytes(window, hq, d, acc_elem, acc_is_out)))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
