@@ -5,6 +5,7 @@ from .decode import moba_decode
 from .moba import moba_attn_varlen
 from .module import MoBAAttention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
+from .parallel.step import StepPlan
 from .stats import MoBAStats, last_stats
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "MoBAAttention",
     "MoBAConfig",
     "MoBAStats",
+    "StepPlan",
     "__version__",
     "last_stats",
     "moba_attn_varlen",

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ._graph import outside_graph
 from ._validation import check_cu_seqlens, check_cu_seqlens_form, check_positive_int, check_qkv, check_scale
 from .kernels import get_backend
 from .moba import causal_attn_varlen, moba_attn_varlen
-from .ops import moba_attention
+from .ops import PADDING_ERROR, moba_attention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
+from .parallel.step import StepPlan
 from .stats import MoBAStats, record
 
 
@@ -63,49 +65,80 @@ class MoBAConfig:
         group=None,
         softmax_scale: float | None = None,
         backend: str | None = None,
+        context_parallel: bool | None = None,
+        plan: StepPlan | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Layer ``layer_idx``'s attention of this rank's slice: :func:`ring_attn_varlen_cp` for
-        full layers, :func:`moba_attn_varlen_cp` otherwise (which itself switches to the ring
-        when ``topk * chunk_size`` covers the longest sequence).
+        """Layer ``layer_idx``'s attention: the one dispatcher of the package (the module, the HF
+        integration and the training script all call it).
 
-        One device: with ``group=None`` and no initialized default process group, the tensors
-        are the whole stream on one device and the single-device functions run instead (full
-        causal attention for full layers, :func:`moba_dist.moba_attn_varlen` otherwise) with
-        the same argument checks; ``cu_seqlens[-1]`` must then equal ``q.shape[0]``, so a
-        sharded input cannot slip through. This is the model-level dispatcher's choice: the CP
-        functions themselves raise without a process group (calling them is a request for
-        context parallelism, and a missing ``init_process_group`` is a setup error there), and
-        on one device both routes give the same result as a group of one rank.
+        Where it runs (``context_parallel``):
 
-        Shapes as in :func:`moba_attn_varlen_cp`: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]``, global
-        int32 ``cu_seqlens [B + 1]``; returns ``[n, Hq, D]`` in q's dtype.
+        * ``None`` (default): context parallel when ``group`` is given or a default process
+          group is initialized, one device otherwise; a ``plan`` decides instead when given.
+        * ``False``: the tensors are the whole stream on this device and nothing is
+          communicated, even when a process group exists (data-parallel training):
+          :func:`moba_dist.moba_attn_varlen` (full layers: causal attention), same checks;
+          ``cu_seqlens[-1]`` must equal ``q.shape[0]``.
+        * ``True``: they are this rank's slice of the global stream and
+          :func:`moba_attn_varlen_cp` runs over ``group`` (full layers:
+          :func:`ring_attn_varlen_cp`; MoBA switches to the ring itself when ``topk *
+          chunk_size`` covers the longest sequence).
 
-        Under ``torch.compile``: one device is one custom operator (no graph break), context
+        Shapes: ``q [n, Hq, D]``, ``k, v [n, Hkv, D]``, int32 ``cu_seqlens [B + 1]``; returns
+        ``[n, Hq, D]`` in q's dtype. ``plan``: a :class:`moba_dist.StepPlan` shared by the
+        step's layers (see there). ``valid``: optional bool mask (an HF ``attention_mask``) that
+        must be all True (ValueError on padding). Every path records :func:`moba_dist.last_stats`.
+
+        Under ``torch.compile``: one device is one custom operator (no graph break; the checks
+        that read ``cu_seqlens`` and ``valid`` run inside it, and ``plan`` is not used), context
         parallel runs eagerly outside the graph (one graph break).
         """
         full = self.is_full(layer_idx)
-        if group is None and not (dist.is_available() and dist.is_initialized()):
-            check_qkv(q, k, v)
-            if torch.compiler.is_compiling():  # one custom op, no graph break (moba_dist.ops)
-                scale = check_scale(softmax_scale, q.shape[-1])
-                check_cu_seqlens_form(cu_seqlens, q.device)
-                return moba_attention(q, k, v, cu_seqlens, self.chunk_size, self.topk, scale, full=full,
-                                      backend=backend)
-            if not full:
-                cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
-                return moba_attn_varlen(q, k, v, cu, int(cu.diff().max()), self.chunk_size, self.topk,
-                                        softmax_scale=softmax_scale, backend=backend)
-            scale = check_scale(softmax_scale, q.shape[-1])
-            get_backend(q.device, q.dtype, q.shape[-1], backend)
+        if context_parallel is None:
+            context_parallel = plan.context_parallel if plan is not None else (
+                group is not None or (dist.is_available() and dist.is_initialized()))
+        if context_parallel:
+            run = _cp_attention_outside_graph if torch.compiler.is_compiling() else _cp_attention
+            return run(self, full, q, k, v, cu_seqlens, group, softmax_scale, backend, valid, plan)
+        check_qkv(q, k, v)
+        scale = check_scale(softmax_scale, q.shape[-1])
+        if torch.compiler.is_compiling():  # one custom op, no graph break (moba_dist.ops)
+            check_cu_seqlens_form(cu_seqlens, q.device)
+            return moba_attention(q, k, v, cu_seqlens, self.chunk_size, self.topk, scale, full=full,
+                                  backend=backend, valid=valid)
+        if valid is not None and not bool(valid.all()):
+            raise ValueError(PADDING_ERROR)
+        if not full:
+            if plan is not None:
+                return moba_attn_varlen(q, k, v, cu_seqlens, plan.max_seqlen(cu_seqlens, q), self.chunk_size,
+                                        self.topk, softmax_scale=scale, backend=backend, plan=plan)
             cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
-            record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=1,
-                             selected_blocks_per_query=float("nan")))
-            return causal_attn_varlen(q, k, v, cu, scale, backend)
-        if full:
-            return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
-                                       backend=backend)
-        return moba_attn_varlen_cp(q, k, v, cu_seqlens, self.chunk_size, self.topk, group=group,
-                                   softmax_scale=softmax_scale, backend=backend)
+            return moba_attn_varlen(q, k, v, cu, int(cu.diff().max()), self.chunk_size, self.topk,
+                                    softmax_scale=scale, backend=backend)
+        get_backend(q.device, q.dtype, q.shape[-1], backend)
+        cu = plan.one_device(cu_seqlens, q) if plan is not None else \
+            check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+        record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=0 if plan else 1,
+                         selected_blocks_per_query=float("nan")))
+        return causal_attn_varlen(q, k, v, cu, scale, backend)
+
+
+def _cp_attention(config: MoBAConfig, full: bool, q, k, v, cu_seqlens, group, softmax_scale, backend,
+                  valid, plan):
+    """The context-parallel functions (under ``torch.compile`` called through
+    :func:`~moba_dist._graph.outside_graph`: their collectives and host syncs run eagerly, one graph
+    break per call)."""
+    if valid is not None and not bool(valid.all()):
+        raise ValueError(PADDING_ERROR)
+    if full:
+        return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
+                                   backend=backend, plan=plan)
+    return moba_attn_varlen_cp(q, k, v, cu_seqlens, config.chunk_size, config.topk, group=group,
+                               softmax_scale=softmax_scale, backend=backend, plan=plan)
+
+
+_cp_attention_outside_graph = outside_graph(_cp_attention)
 
 
 def _check_layer(name: str, value) -> None:

@@ -16,6 +16,7 @@ from ._validation import (
 from .kernels import get_backend, varlen_attn_with_lse
 from .ops import moba_attention
 from .parallel.moba_cp import moba_pipeline
+from .parallel.step import StepPlan
 from .stats import MoBAStats, record
 
 
@@ -39,6 +40,7 @@ def moba_attn_varlen(
     *,
     softmax_scale: float | None = None,
     backend: str | None = None,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """Mixture of Block Attention over a packed varlen batch on one device.
 
@@ -57,6 +59,9 @@ def moba_attn_varlen(
         moba_topk: blocks per query including its current block; 1 means the current block only.
         softmax_scale: positive and finite; defaults to ``D ** -0.5``.
         backend: attention kernel backend (see ``moba_dist.kernels``); default automatic.
+        plan: a :class:`moba_dist.StepPlan` shared by the layers of a step (made for this
+            ``cu_seqlens``): ``cu_seqlens`` is then read on the host once per step instead of
+            once per call. Default: the call plans alone.
 
     Returns:
         ``[T, Hq, D]`` in q's dtype; differentiable in q, k, v.
@@ -81,8 +86,9 @@ def moba_attn_varlen(
     Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over memory-bounded
     tiles and batches.
 
-    Host syncs: ``cu_seqlens`` is read on the host once, and the per-(head, block) selection
-    counts once, to size the varlen kernels.
+    Host syncs: ``cu_seqlens`` is read on the host once (once per step with ``plan``), and, on
+    the varlen path only, the per-(head, block) selection counts once, to size its kernels. The
+    fused kernel's plan is static: with ``plan`` such a call reads nothing from the device.
 
     Under ``torch.compile`` the call is one custom operator (``moba_dist.ops.moba_fwd``, its
     backward ``moba_bwd``): no graph break; the checks that read ``cu_seqlens`` and the host
@@ -97,13 +103,16 @@ def moba_attn_varlen(
         return moba_attention(q, k, v, cu_seqlens, chunk, topk, scale,
                               max_seqlen=check_max_seqlen_form(max_seqlen), backend=backend)
     get_backend(q.device, q.dtype, q.shape[-1], backend)  # an unusable backend fails before any work
-    cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    if plan is not None:
+        cu = plan.one_device(cu_seqlens, q)
+    else:
+        cu = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     longest = int(cu.diff().max())
     check_max_seqlen(max_seqlen, longest)
     offsets = torch.tensor([0, q.shape[0]], dtype=torch.int64)
     if topk * chunk >= longest:
         # Every past block is selected: MoBA is exactly full causal attention.
-        record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=1,
+        record(MoBAStats(path="full", local_tokens=q.shape[0], host_syncs=0 if plan else 1,
                          selected_blocks_per_query=float("nan")))
         return causal_attn_varlen(q, k, v, cu, scale, backend)
-    return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, None, backend)
+    return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, None, backend, plan=plan)

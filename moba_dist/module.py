@@ -6,62 +6,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._graph import outside_graph
-from ._validation import check_cu_seqlens, check_cu_seqlens_form, check_qkv, check_scale
+from ._validation import check_scale
 from .config import MoBAConfig
-from .moba import causal_attn_varlen, moba_attn_varlen
-from .ops import PADDING_ERROR, moba_attention
-from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
-
-
-def _cp_attention(full: bool, config: MoBAConfig, q, k, v, cu_seqlens, group, softmax_scale, valid):
-    """The context-parallel functions (under ``torch.compile`` called through
-    :func:`~moba_dist._graph.outside_graph`: their collectives and host syncs run eagerly, one graph
-    break per call)."""
-    if valid is not None and not bool(valid.all()):
-        raise ValueError(PADDING_ERROR)
-    if full:
-        return ring_attn_varlen_cp(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale)
-    return moba_attn_varlen_cp(q, k, v, cu_seqlens, config.chunk_size, config.topk, group=group,
-                               softmax_scale=softmax_scale)
-
-
-_cp_attention_outside_graph = outside_graph(_cp_attention)
+from .parallel.step import StepPlan
 
 
 def layer_attention(config: MoBAConfig, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor, *, context_parallel: bool, group=None,
-                    softmax_scale: float | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of layer ``layer_idx`` under ``config``'s schedule, ``q [n, Hq, D]``, ``k, v
-    [n, Hkv, D]`` -> ``[n, Hq, D]``.
-
-    ``context_parallel=False``: the tensors are the whole stream on this device and nothing is
-    communicated, even when a default process group exists (data-parallel training).
-    ``context_parallel=True``: they are this rank's slice of the global stream ``cu_seqlens``,
-    and the CP functions run over ``group`` (``None``: the default group).
-    ``valid``: optional bool mask (an HF ``attention_mask``) that must be all True (ValueError
-    on padding).
-
-    Under ``torch.compile``: one device runs as the custom operator ``moba_dist::moba_fwd``
-    (no graph break; ``cu_seqlens`` and ``valid`` are read inside it); context parallel runs
-    eagerly outside the graph (one graph break).
-    """
-    full = config.is_full(layer_idx)
-    if context_parallel:
-        run = _cp_attention_outside_graph if torch.compiler.is_compiling() else _cp_attention
-        return run(full, config, q, k, v, cu_seqlens, group, softmax_scale, valid)
-    check_qkv(q, k, v)
-    if torch.compiler.is_compiling():
-        check_cu_seqlens_form(cu_seqlens)
-        return moba_attention(q, k, v, cu_seqlens, config.chunk_size, config.topk,
-                              check_scale(softmax_scale, q.shape[-1]), full=full, valid=valid)
-    if valid is not None and not bool(valid.all()):
-        raise ValueError(PADDING_ERROR)
-    cu = check_cu_seqlens(cu_seqlens, q.shape[0])
-    if full:
-        return causal_attn_varlen(q, k, v, cu, check_scale(softmax_scale, q.shape[-1]), None)
-    return moba_attn_varlen(q, k, v, cu, int(cu.diff().max()), config.chunk_size, config.topk,
-                            softmax_scale=softmax_scale)
+                    softmax_scale: float | None = None, valid: torch.Tensor | None = None,
+                    plan: StepPlan | None = None) -> torch.Tensor:
+    """``config.attention(layer_idx, ...)`` with where it runs stated (``context_parallel``):
+    see :meth:`moba_dist.MoBAConfig.attention`, the package's one dispatcher."""
+    return config.attention(layer_idx, q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
+                            context_parallel=context_parallel, plan=plan, valid=valid)
 
 
 class MoBAAttention(nn.Module):
@@ -86,6 +43,9 @@ class MoBAAttention(nn.Module):
     * ``[B, S, H, D]``: single device, each row is one sequence (``cu_seqlens`` must be None).
       Context parallel: ``B`` must be 1 and the row is this rank's slice, as above.
 
+    ``plan``: a :class:`moba_dist.StepPlan` shared by the step's layers (default: the open
+    ``context_parallel`` block's, from its last ``shard``, when ``cu_seqlens`` is not given).
+
     Returns the output in the input's layout and dtype, differentiable in q, k, v. Communication
     and host syncs: those of :func:`moba_dist.moba_attn_varlen_cp` /
     :func:`moba_dist.ring_attn_varlen_cp` (CP) or :func:`moba_dist.moba_attn_varlen` (one device).
@@ -109,7 +69,7 @@ class MoBAAttention(nn.Module):
                 f"topk={self.config.topk}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, plan: StepPlan | None = None) -> torch.Tensor:
         from .hf.context import active_context  # here: moba_dist.hf imports this module
 
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -119,7 +79,9 @@ class MoBAAttention(nn.Module):
                 raise ValueError(f"{name} must be [T, H, D] or [B, S, H, D] like q, got shape "
                                  f"{tuple(t.shape)}")
         cp = active_context()
-        parallel = self.group is not None or cp is not None
+        if plan is None and cp is not None and self.group is None and cu_seqlens is None:
+            plan = cp.plan
+        parallel = plan.context_parallel if plan is not None else (self.group is not None or cp is not None)
         group = self.group if self.group is not None else (cp.group if cp is not None else None)
         rows = q.shape[:2] if q.dim() == 4 else None
         if rows is not None:
@@ -132,6 +94,8 @@ class MoBAAttention(nn.Module):
             if not parallel and cu_seqlens is not None:
                 raise ValueError("cu_seqlens must be None for [B, S, H, D] input (each row is one sequence)")
             q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+        if cu_seqlens is None and plan is not None:
+            cu_seqlens = plan.cu_seqlens
         if cu_seqlens is None:
             if parallel:
                 if cp is None or cp.cu_seqlens is None:
@@ -142,8 +106,9 @@ class MoBAAttention(nn.Module):
                 cu_seqlens = torch.arange(rows[0] + 1, dtype=torch.int32) * rows[1]
             else:
                 cu_seqlens = torch.tensor([0, q.shape[0]], dtype=torch.int32)
-        out = layer_attention(self.config, self.layer_idx, q, k, v, cu_seqlens, context_parallel=parallel,
-                              group=group, softmax_scale=self.softmax_scale)
+        out = self.config.attention(self.layer_idx, q, k, v, cu_seqlens, context_parallel=parallel,
+                                    group=None if plan is not None else group,
+                                    softmax_scale=self.softmax_scale, plan=plan)
         return out if rows is None else out.view(*rows, *out.shape[1:])
 
 

@@ -39,6 +39,17 @@ class MoBAStats:
     # sorted ascending, -1 (fewer past blocks than slots) first; only with
     # MOBA_DIST_RECORD_SELECTION=1, for analysis and invariance checks.
     selection: torch.Tensor | None = None
+    # Figures still on the device, read on the host when the statistics are read (so the call
+    # itself does not wait for them): name -> (0-d tensor, divisor, offset) for
+    # ``offset + value / divisor``.
+    pending: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def resolve(self) -> MoBAStats:
+        """Read the pending device figures into their fields (one device-to-host read each)."""
+        for name, (value, divisor, offset) in self.pending.items():
+            setattr(self, name, offset + float(value) / max(divisor, 1))
+        self.pending.clear()
+        return self
 
 
 _last: MoBAStats | None = None
@@ -53,5 +64,7 @@ def last_stats() -> MoBAStats | None:
     """The :class:`MoBAStats` of the most recent call in this process of any public attention
     function (None before any). A call that raised records nothing.
 
-    The ``bytes_*`` dicts are live: backward adds its all-to-all to them when it runs."""
-    return _last
+    The ``bytes_*`` dicts are live: backward adds its all-to-all to them when it runs. Figures the
+    call left on the device (``selected_blocks_per_query`` of a call that planned without host
+    syncs) are read here."""
+    return _last.resolve() if _last is not None else None

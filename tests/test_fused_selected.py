@@ -135,7 +135,7 @@ def test_fused_gpu_bf16_against_float64_and_deterministic(monkeypatch, chunk, to
 @pytest.mark.parametrize("kernel,chunk", [("triton", 128), ("varlen", 128), ("varlen", 1024)])
 def test_gpu_host_syncs_are_the_counted_ones(monkeypatch, kernel, chunk):
     """Every device-to-host wait of a forward and backward, seen by CUDA's sync debug mode,
-    is one that ``last_stats().host_syncs`` counts (the documented two)."""
+    is one that ``last_stats().host_syncs`` counts (the documented ones)."""
     import warnings
 
     monkeypatch.setenv(SELECTED_ENV, kernel)
@@ -150,11 +150,12 @@ def test_gpu_host_syncs_are_the_counted_ones(monkeypatch, kernel, chunk):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             out = moba_attn_varlen(q, k, v, cu, 5192, chunk, 4)
-            stats = last_stats()
             out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    stats = last_stats()  # reading the statistics may read the device: outside the recording
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
     assert stats.selected_kernel == kernel
-    assert stats.host_syncs == 2
+    # cu_seqlens once; the varlen path also the selection counts (the fused plan is static).
+    assert stats.host_syncs == (1 if kernel == "triton" else 2)
     assert len(syncs) == stats.host_syncs, [f"{w.filename}:{w.lineno}" for w in syncs]

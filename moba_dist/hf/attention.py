@@ -14,6 +14,7 @@ import torch
 from ..config import MoBAConfig
 from ..module import layer_attention
 from ..ops import PADDING_ERROR
+from ..parallel.step import StepPlan
 from .context import active_context
 from .packing import cu_seqlens_from_position_ids, cu_seqlens_padded
 
@@ -157,18 +158,18 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                              f"{batch}; pass the inputs from cp.shard(...)")
         if cp.cu_seqlens is None:
             raise ValueError("context_parallel: call cp.shard(...) before running the model in the block")
-        cu = cp.cu_seqlens
+        cu, plan = cp.cu_seqlens, cp.plan
     elif kwargs.get("cu_seq_lens_q") is not None and batch == 1:
-        cu = kwargs["cu_seq_lens_q"]
+        cu, plan = kwargs["cu_seq_lens_q"], None
     elif compiling:
-        cu = cu_seqlens_padded(kwargs.get("position_ids"), batch, seqlen)
+        cu, plan = cu_seqlens_padded(kwargs.get("position_ids"), batch, seqlen), None
     else:
-        cu = _cu_seqlens_once(kwargs.get("position_ids"), batch, seqlen)
+        cu, plan = _plan_once(kwargs.get("position_ids"), batch, seqlen)
     # [B, H, S, D] -> [B * S, H, D]: a strided view when B == 1 (the kernels take strided rows;
     # keys/values become head-major again inside, for free); one copy otherwise.
     q, k, v = (t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], t.shape[3]) for t in (query, key, value))
     out = layer_attention(moba_config(config), layer_idx, q, k, v, cu, context_parallel=cp is not None,
-                          group=cp.group if cp is not None else None, softmax_scale=scaling, valid=valid)
+                          softmax_scale=scaling, valid=valid, plan=plan)
     return out.reshape(batch, seqlen, heads, out.shape[-1]), None
 
 
@@ -211,21 +212,23 @@ def _cached_attention(layer, moba: MoBAConfig, layer_idx: int, query: torch.Tens
     return torch.stack(outs, dim=1)
 
 
-_CU_MEMO: list = [None]  # (weakref to position_ids, its version, batch, seqlen, cu_seqlens)
+_PLAN_MEMO: list = [None]  # (weakref to position_ids, its version, batch, seqlen, cu_seqlens, plan)
 
 
-def _cu_seqlens_once(position_ids: torch.Tensor | None, batch: int, seqlen: int) -> torch.Tensor:
-    """:func:`cu_seqlens_from_position_ids`, computed once per ``position_ids`` tensor: every
-    layer of a forward gets the same tensor, so only the first reads it on the host."""
-    if position_ids is None:
-        return cu_seqlens_from_position_ids(None, batch, seqlen)
-    memo = _CU_MEMO[0]
-    if (memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version
+def _plan_once(position_ids: torch.Tensor | None, batch: int, seqlen: int) -> tuple[torch.Tensor, StepPlan]:
+    """``cu_seqlens`` from ``position_ids`` (:func:`cu_seqlens_from_position_ids`) and the one-device
+    :class:`~moba_dist.StepPlan` of the forward, made once per ``position_ids`` tensor: every
+    layer of a forward (and its checkpoint recompute) gets the same tensor, so only the first
+    layer reads it on the host, and the layers share one plan."""
+    memo = _PLAN_MEMO[0]
+    if (memo is not None and memo[0]() is position_ids and memo[1] == getattr(position_ids, "_version", 0)
             and memo[2:4] == (batch, seqlen)):
-        return memo[4]
+        return memo[4], memo[5]
     cu = cu_seqlens_from_position_ids(position_ids, batch, seqlen)
-    _CU_MEMO[0] = (weakref.ref(position_ids), position_ids._version, batch, seqlen, cu)
-    return cu
+    plan = StepPlan(cu)
+    if position_ids is not None:
+        _PLAN_MEMO[0] = (weakref.ref(position_ids), position_ids._version, batch, seqlen, cu, plan)
+    return cu, plan
 
 
 def padding_free_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None,

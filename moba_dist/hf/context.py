@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..parallel.step import StepPlan
 from .packing import shard_batch
 
 # A plain module-level stack, not a ContextVar: on CUDA, autograd runs backward (and the
@@ -32,6 +33,9 @@ class ContextParallel:
         cu_seqlens: int32 host ``[N + 1]`` boundaries of the *global* packed stream, or None
             before the first :meth:`shard`.
         local_slice: ``slice(start, end)`` of this rank's tokens in the flattened global stream.
+        plan: the :class:`moba_dist.StepPlan` of that batch, which every attention call of the
+            block shares (the handshake and its host sync run once per ``shard``, in the first
+            layer, not in every layer), or None before the first :meth:`shard`.
     """
 
     def __init__(self, group=None):
@@ -45,6 +49,7 @@ class ContextParallel:
         self.size = dist.get_world_size(group)
         self.cu_seqlens: torch.Tensor | None = None
         self.local_slice: slice | None = None
+        self.plan: StepPlan | None = None
 
     def shard(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -77,6 +82,7 @@ class ContextParallel:
         out, cu, local = shard_batch(input_ids, position_ids, labels, self.rank, self.size)
         self.cu_seqlens = cu
         self.local_slice = local
+        self.plan = StepPlan(cu, group=self.group, context_parallel=True)
         return out
 
 

@@ -28,6 +28,7 @@ from .handshake import Agreement, agree, check_device_for_group, fingerprint, ha
 from .moba_cp import moba_pipeline
 from .ring import ring_pipeline
 from .ring_flash import IMPL_ENV, IMPLS, load_ring_flash_attn
+from .step import StepPlan
 
 _warned_rfa_nondeterministic = False
 
@@ -107,9 +108,46 @@ def _open(entry: str, group, q, k, v, cu_seqlens, softmax_scale, backend, impl,
     return comm, agreement, scale, impl, chunk_topk
 
 
-def _record_ring(comm: Comm, n_local: int) -> None:
+def _begin(entry: str, plan: StepPlan | None, group, q, k, v, cu_seqlens, softmax_scale, backend, impl,
+           chunk_topk=None):
+    """Open a call, with or without a step plan: ``(comm, cu_seqlens, offsets, scale, impl,
+    (chunk, topk), handshake_ran)``. With an established plan no handshake runs: the local
+    checks do, and the slice must be the plan's."""
+    if plan is None:
+        comm, agreed, scale, impl, chunk_topk = _open(entry, group, q, k, v, cu_seqlens, softmax_scale,
+                                                      backend, impl, chunk_topk)
+        return comm, agreed.cu_seqlens, agreed.offsets, scale, impl, chunk_topk, True
+    if not isinstance(plan, StepPlan):
+        raise TypeError(f"plan must be a moba_dist.StepPlan or None, got {type(plan).__name__}")
+    if not plan.context_parallel:
+        raise ValueError(f"{entry}: plan is a one-device StepPlan; make it with context_parallel=True")
+    if group is not None and group is not plan.group:
+        raise ValueError(f"{entry}: group differs from the plan's group; pass one of them")
+    plan.check_cu_seqlens(cu_seqlens)
+    agreed = plan.agreed()
+    if agreed is None:
+        comm, agreement, scale, impl, chunk_topk = _open(entry, plan.group, q, k, v, cu_seqlens,
+                                                         softmax_scale, backend, impl, chunk_topk)
+        plan.establish_cp(comm, agreement.cu_seqlens, agreement.offsets, q)
+        cu, offsets, ran = agreement.cu_seqlens, agreement.offsets, True
+    else:
+        comm, cu, offsets = agreed
+        comm = Comm(comm.group)  # a fresh byte ledger: statistics stay per call
+        chunk = topk = 0
+        if chunk_topk is not None:
+            chunk = check_positive_int("moba_chunk_size", chunk_topk[0])
+            topk = check_positive_int("moba_topk", chunk_topk[1])
+        _, scale, impl = _local_checks(entry, comm, q, k, v, cu_seqlens, chunk, topk, softmax_scale,
+                                       backend, impl)
+        plan.check_slice(q)
+        chunk_topk, ran = (chunk, topk), False
+    plan.calls += 1
+    return comm, cu, offsets, scale, impl, chunk_topk, ran
+
+
+def _record_ring(comm: Comm, n_local: int, host_syncs: int) -> None:
     record(MoBAStats(path="ring", world_size=comm.world, rank=comm.rank, local_tokens=n_local,
-                     bytes_sent=comm.sent, bytes_received=comm.received, host_syncs=1,
+                     bytes_sent=comm.sent, bytes_received=comm.received, host_syncs=host_syncs,
                      selected_blocks_per_query=float("nan")))
 
 
@@ -124,6 +162,7 @@ def moba_attn_varlen_cp(
     group=None,
     softmax_scale: float | None = None,
     backend: str | None = None,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """MoBA over a sequence sharded across the ranks of ``group`` (context parallelism).
 
@@ -141,6 +180,9 @@ def moba_attn_varlen_cp(
             for CUDA tensors, gloo for CPU.
         softmax_scale: positive and finite; defaults to ``D ** -0.5``.
         backend: attention kernel backend; default automatic.
+        plan: a context-parallel :class:`moba_dist.StepPlan` shared by a step's layers (its
+            group is used): the handshake and its host sync run in the first call only. Default:
+            the call opens with its own handshake.
 
     Returns:
         ``[n, Hq, D]`` in q's dtype, differentiable in q, k, v.
@@ -167,16 +209,17 @@ def moba_attn_varlen_cp(
     """
     if torch.compiler.is_compiling():  # eagerly, outside the graph: collectives and host syncs
         return _moba_cp_outside_graph(q, k, v, cu_seqlens, moba_chunk_size, moba_topk, group=group,
-                                      softmax_scale=softmax_scale, backend=backend)
-    comm, agreed, scale, impl, (chunk, topk) = _open(
-        "moba_attn_varlen_cp", group, q, k, v, cu_seqlens, softmax_scale, backend, None,
+                                      softmax_scale=softmax_scale, backend=backend, plan=plan)
+    comm, cu, offsets, scale, impl, (chunk, topk), ran = _begin(
+        "moba_attn_varlen_cp", plan, group, q, k, v, cu_seqlens, softmax_scale, backend, None,
         chunk_topk=(moba_chunk_size, moba_topk))
-    cu, offsets = agreed.cu_seqlens, agreed.offsets
     if topk * chunk >= int(cu.diff().max()):
         out = ring_pipeline(q, k, v, cu, offsets, scale, comm, backend, impl)
-        _record_ring(comm, q.shape[0])
+        _record_ring(comm, q.shape[0], int(ran))
         return out
-    return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, comm, backend)
+    if plan is None:
+        return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, comm, backend)
+    return moba_pipeline(q, k, v, cu, offsets, chunk, topk, scale, comm, backend, plan=plan)
 
 
 def ring_attn_varlen_cp(
@@ -189,6 +232,7 @@ def ring_attn_varlen_cp(
     softmax_scale: float | None = None,
     backend: str | None = None,
     impl: str | None = None,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """Exact causal attention within each packed sequence, sequence sharded across ``group``.
 
@@ -209,6 +253,7 @@ def ring_attn_varlen_cp(
             (always our own under ``torch.use_deterministic_algorithms(True)``); ``"ours"``,
             ``"rfa_zigzag"``, ``"rfa_llama3"`` to choose (an ``rfa_*`` choice that cannot run
             warns and falls back to ours). See ``parallel/ring_flash.py``.
+        plan: as in :func:`moba_attn_varlen_cp`.
 
     Returns:
         ``[n, Hq, D]`` in q's dtype, differentiable in q, k, v. :func:`moba_dist.last_stats`
@@ -227,11 +272,11 @@ def ring_attn_varlen_cp(
     """
     if torch.compiler.is_compiling():  # eagerly, outside the graph: collectives and host syncs
         return _ring_cp_outside_graph(q, k, v, cu_seqlens, group=group, softmax_scale=softmax_scale,
-                                      backend=backend, impl=impl)
-    comm, agreed, scale, impl, _ = _open("ring_attn_varlen_cp", group, q, k, v, cu_seqlens,
-                                         softmax_scale, backend, impl)
-    out = ring_pipeline(q, k, v, agreed.cu_seqlens, agreed.offsets, scale, comm, backend, impl)
-    _record_ring(comm, q.shape[0])
+                                      backend=backend, impl=impl, plan=plan)
+    comm, cu, offsets, scale, impl, _, ran = _begin("ring_attn_varlen_cp", plan, group, q, k, v, cu_seqlens,
+                                                    softmax_scale, backend, impl)
+    out = ring_pipeline(q, k, v, cu, offsets, scale, comm, backend, impl)
+    _record_ring(comm, q.shape[0], int(ran))
     return out
 
 

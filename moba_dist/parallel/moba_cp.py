@@ -137,21 +137,24 @@ def _gate(q, summaries, layout, tables, begin: int, topk: int, budget: int) -> t
 
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
                   softmax_scale: float, comm: Comm | None, backend: str | None,
-                  keep_fetched: bool | None = None) -> torch.Tensor:
+                  keep_fetched: bool | None = None, plan=None) -> torch.Tensor:
     """MoBA output of the local slice. ``cu_seqlens``/``offsets`` are host int64 tensors, already
-    brought to the host by the caller (host sync A)."""
+    brought to the host by the caller (host sync A: this call's, or, with ``plan`` (a
+    :class:`~moba_dist.parallel.step.StepPlan`), the step's, counted there)."""
     meta, _, stats = moba_plan(q, k, v, cu_seqlens, offsets, chunk, topk, softmax_scale, comm, backend,
-                               keep_fetched)
+                               keep_fetched, host_syncs=0 if plan is not None else 1)
     out = MoBACore.apply(q, k, v, meta)
     stats.bytes_sent = comm.sent if comm else {}
     stats.bytes_received = comm.received if comm else {}
+    if plan is not None:
+        plan.host_syncs += stats.host_syncs
     record(stats)
     return out
 
 
 def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
               softmax_scale: float, comm: Comm | None, backend: str | None,
-              keep_fetched: bool | None = None, sel: torch.Tensor | None = None):
+              keep_fetched: bool | None = None, sel: torch.Tensor | None = None, host_syncs: int = 1):
     """Gate (unless ``sel [n, Hq, topk - 1]``, an earlier gate's selection, is given) and plan:
     returns ``(meta, sel, stats)``, ``meta`` the :class:`~moba_dist.core.CoreMeta` of
     :func:`~moba_dist.core.core_forward`/``core_backward``. Collectives: the block-sum all-gather
@@ -164,7 +167,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     layout, lp = sp.layout, sp.ranks[rank]
     tables = _layout_tables(sp, rank, dev)
     nblk = layout.num_blocks
-    stats = MoBAStats(world_size=world, rank=rank, local_tokens=n, host_syncs=1)
+    stats = MoBAStats(world_size=world, rank=rank, local_tokens=n, host_syncs=host_syncs)
     if keep_fetched is None:
         keep_fetched = keep_fetched_default()
     budget = workspace_bytes(q, k, v)
@@ -185,6 +188,9 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     group = hq // hkv
     fused = use_fused_selected(dev, q.dtype, chunk)
     stats.selected_kernel = "triton" if fused else "varlen"
+    if fused and comm is None:
+        return _static_fused_meta(q, k, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
+                                  stats), sel, stats
     acc_elem = accum_dtype(q.dtype).itemsize
     window = n if fused else row_window(budget, n, hq, d, chunk, acc_elem)
     nwin = max(1, -(-n // max(window, 1)))
@@ -324,6 +330,39 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     stats.allgather_kv_bytes = int(other.sum()) * hkv * row_bytes
     stats.selected_blocks_per_query = 1.0 + num_pairs / max(n * hq, 1)
     return meta, sel, stats
+
+
+def _static_fused_meta(q, k, sel, sp: StreamPlan, tables, softmax_scale: float, backend, keep_fetched: bool,
+                       budget: int, stats: MoBAStats) -> CoreMeta:
+    """One device, fused kernel: a plan that reads nothing from the device. Every (kv head,
+    block) is a segment, numbered ``g * N + j``, read in place from the head-major K/V (pool row
+    ``g * n + start[j]``); segments no query selected cost the kernels an early exit. The
+    selection becomes segment ids by one elementwise op, so no counts are copied to the host."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    layout = sp.layout
+    key = ("static_fused", n, hkv, str(q.device))
+    cached = sp.device_cache.get(key)
+    if cached is None:
+        start = (torch.arange(hkv)[:, None] * n + layout.start[None, :]).flatten()
+        length = layout.length.repeat(hkv)
+        head_base = torch.arange(hq) // (hq // hkv) * layout.num_blocks
+        cached = to_device([start, length, head_base], q.device)
+        cached[1] = cached[1].to(torch.int32)
+        cached.append(int(sp.ranks[0].part_len.max()) if n else 0)
+        sp.device_cache[key] = cached
+    seg_start, seg_len, head_base, max_self = cached
+    with record_function("moba.plan"):
+        seg = torch.where(sel >= 0, sel + head_base.view(1, hq, 1).to(sel.dtype), -1).to(torch.int32)
+    # Mean selected blocks per (query, head), resolved when the statistics are read.
+    stats.pending["selected_blocks_per_query"] = ((sel >= 0).sum(), n * hq, 1.0)
+    fused = FusedSel(seg, seg_start, seg_len, hkv * n, layout.chunk, in_place=True, grad_start=seg_start)
+    empty = seg_start.new_empty(0)
+    return CoreMeta(
+        cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
+        max_k_sel=layout.chunk, fetch=KVFetch(None, empty, [], [], k.dtype), softmax_scale=softmax_scale,
+        backend=get_backend(q.device, q.dtype, d, backend), keep_fetched=keep_fetched, fused=fused,
+        overlaps=False, workspace=budget, window_rows=n)
 
 
 def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 0) -> torch.Tensor:

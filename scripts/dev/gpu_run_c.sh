@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 source scripts/dev/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 100 python -m pytest -q -m gpu tests/test_fused_selected.py tests/test_triton_moba.py tests/test_cudnn_gpu.py \
-  tests/test_triton_gate.py tests/test_triton_decode.py tests/test_compile.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/pytest_gpu.log" | tail -6
+  tests/test_triton_gate.py tests/test_triton_decode.py tests/test_compile.py tests/test_step_plan.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/pytest_gpu.log" | tail -6
 timeout 130 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 1048576 --steps 2 --attn moba \
   --out-dir /tmp/t1m > "$OUT/train_moba_1048576.log" 2>&1; echo "train 1M rc=$?"
 grep -E "peak memory|^\[train\] step" "$OUT/train_moba_1048576.log" | cut -c1-200; grep -h -A3 "OutOfMemory\|Error" "$OUT/train_moba_1048576.log" | head -4 | cut -c1-300
