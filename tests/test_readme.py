@@ -52,6 +52,12 @@ def _check_cp(ns: dict) -> None:
                       (ns["k_local"].grad, k.grad[lo:hi]), (ns["v_local"].grad, v.grad[lo:hi])]:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert ns["full_local"].shape == ns["q_local"].shape and torch.isfinite(ns["full_local"]).all()
+    # The StepPlan loop: four layers, as four one-device calls on the whole stream.
+    h = q.detach()
+    for _ in range(4):
+        h = moba_dist.moba_attn_varlen(h, k.detach(), v.detach(), cu, int(cu.diff().max()), 64, 3)
+    torch.testing.assert_close(ns["h"], h[lo:hi], rtol=1e-5, atol=1e-5)
+    assert ns["plan"].calls == 4 and ns["plan"].host_syncs == 5
 
 
 def _worker(rank: int, ports: tuple[int, int], results) -> None:
