@@ -146,6 +146,9 @@ class FusedSel:
     chunk: int  # host bound on seg_len
     in_place: bool = False  # every segment is one run of the pool: seg_start are pool rows
     grad_start: torch.Tensor | None = None  # int64 [segments]: segment-major row of each segment
+    # int64 [segments]: set on one device: the kernel reads ``k, v`` themselves (no head-major
+    # pool), segment g at element offset[g] of ``k[:, 0]``/``v[:, 0]`` (row stride k.stride(0))
+    offset: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +341,7 @@ class MoBACore(torch.autograd.Function):
 
 
 _PLAN_FIELDS = ("cu_self", "pair_row", "seg_index")
-_FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start")
+_FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset")
 
 
 def split_plan(meta: CoreMeta) -> tuple[list[torch.Tensor], CoreMeta]:
@@ -430,7 +433,7 @@ def kernel_share(budget: int) -> int:
 def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
     """Merge the selected part into the self part's ``out [n, Hq, D]``, ``lse [Hq, n]``."""
     if meta.fused is not None:
-        return _fused_forward(q, recv, head_major(k, v), out, lse, meta)
+        return _fused_forward(q, recv, k, v, out, lse, meta)
     if not meta.sel_batches:
         return out, lse
     n, hq, _ = q.shape
@@ -479,7 +482,7 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
     rows are added into ``dk, dv [n, Hkv, D]`` (the self part's, contiguous) in place."""
     r, (n, hkv, d) = recv.shape[0], k.shape
     if meta.fused is not None:
-        dq, dk_pool, dv_pool = _fused_backward(dout, q, out, lse, recv, head_major(k, v), dq, meta)
+        dq, dk_pool, dv_pool = _fused_backward(dout, q, out, lse, recv, k, v, dq, meta)
         dk.add_(dk_pool[r:].view(hkv, n, d).transpose(0, 1))
         dv.add_(dv_pool[r:].view(hkv, n, d).transpose(0, 1))
         return dq, dk_pool[:r], dv_pool[:r]
@@ -530,10 +533,13 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
     return dq, dkv_recv[:, 0], dkv_recv[:, 1]
 
 
-def _fused_pools(recv, kv_hm, meta: CoreMeta):
-    """Keys and values ``[rows, D]`` the fused kernel reads: the pool itself when every segment
-    is one run of it (``FusedSel.in_place``: no copy), else a segment-major gathered copy."""
-    pool = _pool(recv, kv_hm)
+def _fused_pools(recv, k, v, meta: CoreMeta):
+    """Keys and values ``[rows, D]`` the fused kernel reads: ``k, v`` themselves on one device
+    (``FusedSel.offset``: no copy at all), the head-major pool when every segment is one run of
+    it (``FusedSel.in_place``: one copy of the local K/V), else a segment-major gathered copy."""
+    if meta.fused.offset is not None:
+        return k[:, 0], v[:, 0]
+    pool = _pool(recv, head_major(k, v))
     if meta.fused.in_place:
         return pool[:, 0], pool[:, 1]
     kv_seg = pool[meta.seg_index]
@@ -547,33 +553,34 @@ def _partial_bytes(meta: CoreMeta) -> int:
     return max(1 << 20, meta.workspace // 4)
 
 
-def _fused_forward(q, recv, kv_hm, out, lse, meta: CoreMeta):
+def _fused_forward(q, recv, k, v, out, lse, meta: CoreMeta):
     """The selected part and its LSE merge with the self part in one fused Triton kernel."""
     from .kernels.triton_moba import DEFAULT_CONFIG, selected_attn_fwd
 
     f = meta.fused
-    k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
+    k_seg, v_seg = _fused_pools(recv, k, v, meta)
     cfg = replace(DEFAULT_CONFIG, max_partial_bytes=_partial_bytes(meta))
     # The self part's output is dead after the merge: the result is written over it.
     return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
-                             self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg, in_place=True)
+                             self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg, in_place=True,
+                             seg_offset=f.offset)
 
 
-def _fused_backward(dout, q, out, lse, recv, kv_hm, dq, meta: CoreMeta):
+def _fused_backward(dout, q, out, lse, recv, k, v, dq, meta: CoreMeta):
     """Backward of :func:`_fused_forward`'s selected part, outputs as :func:`_selected_backward`.
     The self part's ``dq`` is added inside the kernel; key and value gradients come back in
     pool rows directly when segments are runs of the pool that do not overlap."""
     from .kernels.triton_moba import DEFAULT_CONFIG, selected_attn_bwd
 
     f = meta.fused
-    k_seg, v_seg = _fused_pools(recv, kv_hm, meta)
-    rows = recv.shape[0] + kv_hm.shape[0]
+    k_seg, v_seg = _fused_pools(recv, k, v, meta)
+    rows = recv.shape[0] + k.shape[0] * k.shape[1]
     direct = f.in_place and not meta.overlaps
     cfg = replace(DEFAULT_CONFIG, max_partial_bytes=_partial_bytes(meta))
     dq, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
                                    out, lse, meta.softmax_scale, config=cfg, dq_base=dq, dq_dtype=q.dtype,
                                    grad_start=f.seg_start if direct else f.grad_start,
-                                   grad_rows=rows if direct else f.rows)
+                                   grad_rows=rows if direct else f.rows, seg_offset=f.offset)
     if direct:
         return dq, dk, dv
     # Segment-major gradients to pool rows. A pool row belongs to at most two segments, and to

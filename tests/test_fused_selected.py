@@ -159,3 +159,20 @@ def test_gpu_host_syncs_are_the_counted_ones(monkeypatch, kernel, chunk):
     # cu_seqlens once; the varlen path also the selection counts (the fused plan is static).
     assert stats.host_syncs == (1 if kernel == "triton" else 2)
     assert len(syncs) == stats.host_syncs, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+@pytest.mark.parametrize("layout", ["head_major_views", "mixed_strides"])
+def test_fused_single_device_reads_strided_kv(monkeypatch, layout):
+    """One device, the kernel reads k, v where they are (any row/head strides; a head-major
+    copy only when their strides differ): results as for contiguous inputs."""
+    monkeypatch.setenv(SELECTED_ENV, "triton")
+    lengths, chunk, topk, hq, hkv = [40, 24], 8, 3, 4, 2
+    cu, q, k, v, go, ref, ref_grads = moba_case(lengths, chunk, topk, hq, hkv)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    # [Hkv, T, D] storage seen as [T, Hkv, D] (what HF's [1, H, S, D] keys become)
+    hm = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in leaves[1:]]
+    kk, vv = hm if layout == "head_major_views" else (hm[0], leaves[2])
+    out = moba_attn_varlen(leaves[0], kk, vv, cu, max(lengths), chunk, topk)
+    assert last_stats().selected_kernel == "triton"
+    out.backward(go.float())
+    _check(layout, out, [t.grad for t in leaves], ref, ref_grads, 0, sum(lengths))

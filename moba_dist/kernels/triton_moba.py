@@ -14,6 +14,10 @@ Index format (all on the device; nothing is synchronised with the host):
     that each key segment is a contiguous run of rows.
   * ``seg_start [nseg]`` int64, ``seg_len [nseg]`` int32: segment ``g`` is pool rows
     ``[seg_start[g], seg_start[g] + seg_len[g])``, ``seg_len[g] <= chunk`` (a host int).
+    Or, with ``seg_offset [nseg]`` int64, the ``seg_len[g]`` rows of stride ``k_pool.stride(0)``
+    that begin ``seg_offset[g]`` elements after ``k_pool``'s (and ``v_pool``'s) first element:
+    segments of different heads of a token-major ``k [n, Hkv, D]`` are then read in place
+    (``k_pool = k[:, 0]``, offset ``t * k.stride(0) + g * k.stride(1)``), no head-major copy.
     Segments may overlap (e.g. a block and a prefix of it).
   * ``sel [n, Hq, S]`` int32: the segments (query ``i``, head ``h``) attends to, ``-1`` for
     none; a segment must hold keys of kv head ``h // (Hq // Hkv)`` (the kernel does not check).
@@ -143,16 +147,18 @@ def _gather_tile(order_ptr, seg_pairs_ptr, seg_tiles_ptr, t, n_seg,
 
 
 @triton.jit
-def _sel_fwd_step(q, k_ptr, v_ptr, k_row0, k_len, j0, m_i, l_i, acc, stride_k, stride_v, qk_scale,
+def _sel_fwd_step(q, k_ptr, v_ptr, k_off, k_len, j0, m_i, l_i, acc, stride_k, stride_v, qk_scale,
                   D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update of a tile of gathered rows with keys ``[j0, j0 + BLOCK_N)``."""
     d = tl.arange(0, DP)
     dm = d < D
     kr = j0 + tl.arange(0, BLOCK_N)
     km = kr < k_len
-    rows = (k_row0 + kr).to(tl.int64)
-    k = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    kr64 = kr.to(tl.int64)
+    k = tl.load(k_ptr + k_off + kr64[:, None] * stride_k + d[None, :], mask=km[:, None] & dm[None, :],
+                other=0.0)
+    v = tl.load(v_ptr + k_off + kr64[:, None] * stride_v + d[None, :], mask=km[:, None] & dm[None, :],
+                other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -173,7 +179,7 @@ def _sel_fwd_step(q, k_ptr, v_ptr, k_row0, k_len, j0, m_i, l_i, acc, stride_k, s
 @triton.jit
 def _sel_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    order_ptr, seg_pairs_ptr, seg_tiles_ptr, seg_start_ptr, seg_len_ptr,
+    order_ptr, seg_pairs_ptr, seg_tiles_ptr, seg_off_ptr, seg_len_ptr,
     n_seg, stride_qn, stride_qh, stride_k, stride_v, qk_scale,
     HQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     LOG_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
@@ -186,7 +192,7 @@ def _sel_fwd_kernel(
     dm = d < D
     q = tl.load(q_ptr + qi.to(tl.int64)[:, None] * stride_qn + qh[:, None] * stride_qh + d[None, :],
                 mask=valid[:, None] & dm[None, :], other=0.0)
-    k_row0 = tl.load(seg_start_ptr + seg)
+    k_off = tl.load(seg_off_ptr + seg)
     # A program past the last tile (the grid is a host bound) skips the key loop.
     k_len = tl.where(tl.max(valid.to(tl.int32), 0) > 0, tl.load(seg_len_ptr + seg), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -195,12 +201,12 @@ def _sel_fwd_kernel(
     if WHILE_LOOPS:
         j0 = k_len * 0
         while j0 < k_len:
-            m_i, l_i, acc = _sel_fwd_step(q, k_ptr, v_ptr, k_row0, k_len, j0, m_i, l_i, acc,
+            m_i, l_i, acc = _sel_fwd_step(q, k_ptr, v_ptr, k_off, k_len, j0, m_i, l_i, acc,
                                           stride_k, stride_v, qk_scale, D, DP, BLOCK_N, IEEE)
             j0 += BLOCK_N
     else:
         for j0 in range(0, k_len, BLOCK_N):
-            m_i, l_i, acc = _sel_fwd_step(q, k_ptr, v_ptr, k_row0, k_len, j0, m_i, l_i, acc,
+            m_i, l_i, acc = _sel_fwd_step(q, k_ptr, v_ptr, k_off, k_len, j0, m_i, l_i, acc,
                                           stride_k, stride_v, qk_scale, D, DP, BLOCK_N, IEEE)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -214,7 +220,7 @@ def _sel_fwd_kernel(
 @triton.jit
 def _sel_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    order_ptr, seg_pairs_ptr, heavy_ptr, seg_start_ptr, seg_len_ptr, grad_start_ptr,
+    order_ptr, seg_pairs_ptr, heavy_ptr, seg_off_ptr, seg_len_ptr, grad_start_ptr,
     n, stride_qn, stride_qh, stride_don, stride_doh, stride_k, stride_v, sm_scale,
     HQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NSUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOPS: tl.constexpr,
@@ -230,10 +236,11 @@ def _sel_bwd_kernel(
     k_len = tl.load(seg_len_ptr + seg)
     kr = sub * BLOCK_N + tl.arange(0, BLOCK_N)
     km = kr < k_len
-    rows = (tl.load(seg_start_ptr + seg) + kr).to(tl.int64)
+    k_off = tl.load(seg_off_ptr + seg)
+    kr64 = kr.to(tl.int64)
     kvm = km[:, None] & dm[None, :]
-    k = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=kvm, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=kvm, other=0.0)
+    k = tl.load(k_ptr + k_off + kr64[:, None] * stride_k + d[None, :], mask=kvm, other=0.0)
+    v = tl.load(v_ptr + k_off + kr64[:, None] * stride_v + d[None, :], mask=kvm, other=0.0)
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DP], tl.float32)
     p0 = tl.load(seg_pairs_ptr + seg)
@@ -310,7 +317,7 @@ def _sel_bwd_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, order_ptr, a, p1, n
 @triton.jit
 def _sel_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    order_ptr, seg_pairs_ptr, seg_tiles_ptr, seg_start_ptr, seg_len_ptr,
+    order_ptr, seg_pairs_ptr, seg_tiles_ptr, seg_off_ptr, seg_len_ptr,
     n_seg, n, stride_qn, stride_qh, stride_don, stride_doh, stride_k, stride_v, sm_scale,
     HQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, LOG_SEG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOPS: tl.constexpr,
@@ -329,33 +336,33 @@ def _sel_bwd_dq_kernel(
     stat = qh.to(tl.int64) * n + qi64
     lse = tl.load(lse_ptr + stat, mask=valid, other=float("-inf"))
     delta = tl.load(delta_ptr + stat, mask=valid, other=0.0)
-    k_row0 = tl.load(seg_start_ptr + seg)
+    k_off = tl.load(seg_off_ptr + seg)
     # A program past the last tile (the grid is a host bound) skips the key loop.
     k_len = tl.where(tl.max(valid.to(tl.int32), 0) > 0, tl.load(seg_len_ptr + seg), 0)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     if WHILE_LOOPS:
         j0 = k_len * 0
         while j0 < k_len:
-            dq = _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_row0, k_len, j0, stride_k, stride_v,
+            dq = _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_off, k_len, j0, stride_k, stride_v,
                           sm_scale, D, DP, BLOCK_N, IEEE)
             j0 += BLOCK_N
     else:
         for j0 in range(0, k_len, BLOCK_N):
-            dq = _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_row0, k_len, j0, stride_k, stride_v,
+            dq = _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_off, k_len, j0, stride_k, stride_v,
                           sm_scale, D, DP, BLOCK_N, IEEE)
     tl.store(dq_ptr + pid.to(tl.int64)[:, None] * D + d[None, :], dq * sm_scale, mask=qm)
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_row0, k_len, j0, stride_k, stride_v, sm_scale,
+def _dq_step(q, do, lse, delta, dq, k_ptr, v_ptr, k_off, k_len, j0, stride_k, stride_v, sm_scale,
              D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     d = tl.arange(0, DP)
     kr = j0 + tl.arange(0, BLOCK_N)
     km = kr < k_len
-    rows = (k_row0 + kr).to(tl.int64)
+    kr64 = kr.to(tl.int64)
     kvm = km[:, None] & (d < D)[None, :]
-    k = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=kvm, other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=kvm, other=0.0)
+    k = tl.load(k_ptr + k_off + kr64[:, None] * stride_k + d[None, :], mask=kvm, other=0.0)
+    v = tl.load(v_ptr + k_off + kr64[:, None] * stride_v + d[None, :], mask=kvm, other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -457,6 +464,9 @@ def _check(q, k_pool, v_pool, seg_start, seg_len, sel, chunk):
         raise TypeError(f"q: expected bfloat16, float16 or float32, got {q.dtype}")
     if seg_start.shape != seg_len.shape or seg_start.dim() != 1:
         raise ValueError("seg_start, seg_len: expected two [nseg] tensors")
+    if k_pool.stride(0) != v_pool.stride(0):
+        raise ValueError(f"k_pool, v_pool: row strides differ ({k_pool.stride(0)}, {v_pool.stride(0)}); "
+                         "the kernels address both with one offset per segment")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
     if q.device.type != "cuda" and not knobs.runtime.interpret:
@@ -478,6 +488,15 @@ def _windows(n: int, hq: int, slots: int, d: int, per_pair_bytes: int, budget: i
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
+def _offsets(seg_start: torch.Tensor, seg_offset: torch.Tensor | None, k_pool: torch.Tensor) -> torch.Tensor:
+    """int64 element offsets of every segment's first key from ``k_pool``'s first element."""
+    if seg_offset is not None:
+        if seg_offset.shape != seg_start.shape:
+            raise ValueError(f"seg_offset: expected {tuple(seg_start.shape)}, got {tuple(seg_offset.shape)}")
+        return seg_offset.to(torch.int64).contiguous()
+    return (seg_start.to(torch.int64) * k_pool.stride(0)).contiguous()
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -488,6 +507,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
                       self_out: torch.Tensor | None = None, self_lse: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.float32,
                       config: SelConfig | None = None, in_place: bool = False,
+                      seg_offset: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every (query, head) over the union of its selected segments,
     optionally merged with another key set's result (the query's own block).
@@ -501,6 +521,8 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         out_dtype: dtype of the returned output.
         in_place: write the result over ``self_out, self_lse`` when their dtypes and layouts
             allow (saves an ``[n, Hq, D]`` output; the self part is consumed).
+        seg_offset: optional int64 ``[nseg]`` element offsets of the segments (module
+            docstring); default ``seg_start * k_pool.stride(0)``.
 
     Returns:
         ``out [n, Hq, D]`` and ``lse [Hq, n]`` float32 (natural log; ``-inf`` and output 0 for a
@@ -530,7 +552,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     if slots == 0 or nseg == 0:
         slots = 0  # nothing selected: the merge below only copies the self part
     part_bytes = torch.empty(0, dtype=cfg.partial_dtype).element_size()
-    seg_start = seg_start.to(torch.int64).contiguous()
+    seg_off = _offsets(seg_start, seg_offset, k_pool)
     seg_len = seg_len.to(torch.int32).contiguous()
     if has_self:
         self_out = self_out if self_out.stride(-1) == 1 and self_out.stride(0) == hq * self_out.stride(1) \
@@ -548,7 +570,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
             qw = q[a:b]
             _sel_fwd_kernel[(plan.max_tiles,)](
                 qw, k_pool, v_pool, o_part, lse_part,
-                plan.order, plan.seg_pairs, plan.seg_tiles, seg_start, seg_len,
+                plan.order, plan.seg_pairs, plan.seg_tiles, seg_off, seg_len,
                 nseg, qw.stride(0), qw.stride(1), k_pool.stride(0), v_pool.stride(0), scale * _LOG2E,
                 HQ=hq, S=slots, D=d, DP=dp, LOG_SEG=max(1, math.ceil(math.log2(nseg + 1))),
                 BLOCK_M=cfg.block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
@@ -561,6 +583,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
             HQ=hq, S=max(slots, 1), SP=_next_pow2(max(slots, 1)), D=d, DP=dp, BLOCK_R=block_r,
             HAS_SELF=has_self, num_warps=8,
         )
+        del o_part, lse_part  # before the next window's: one window's partials alive at a time
     return out, lse
 
 
@@ -570,6 +593,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                       softmax_scale: float | None = None, *, grad_start: torch.Tensor | None = None,
                       grad_rows: int | None = None, config: SelConfig | None = None,
                       dq_base: torch.Tensor | None = None, dq_dtype: torch.dtype = torch.float32,
+                      seg_offset: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the selected part given the row's *final* ``out [n, Hq, D]`` and
     ``lse [Hq, n]`` (after merging with every other key set of the row).
@@ -585,6 +609,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         dq_base: optional ``[n, Hq, D]`` gradient of another key set of the same rows (the own
             block), added to ``dq`` in the same pass (no float32 copy of either).
         dq_dtype: dtype of the returned ``dq`` (one rounding of the float32 sum).
+        seg_offset: as in :func:`selected_attn_fwd` (reading only; gradients go by ``grad_start``).
 
     Returns ``dq [n, Hq, D]`` (``dq_dtype``) and ``dk, dv [grad_rows, D]`` float32 (rows outside
     every range get 0). Scratch: ``delta`` and the per-pair ``dq`` parts, in windows of
@@ -625,7 +650,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         delta[:, a:b] = (dout[a:b].float() * out[a:b].float()).sum(-1).t()
     lse = lse.float().contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    seg_start = seg_start.to(torch.int64).contiguous()
+    seg_off = _offsets(seg_start, seg_offset, k_pool)
     block_n = min(cfg.bwd_block_n, max(16, _next_pow2(chunk)))
     nsub = triton.cdiv(chunk, block_n)
     fused_dq = nsub <= cfg.fused_dq_runs
@@ -640,7 +665,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         plan = plan_pairs(sel[a:b], nseg, cfg.bwd_block_m)
         _sel_bwd_kernel[(nseg, nsub)](
             qw, k_pool, v_pool, dow, lse_w, delta_w, dq_part, dk, dv,
-            plan.order, plan.seg_pairs, plan.heavy_first, seg_start, seg_len, grad_start,
+            plan.order, plan.seg_pairs, plan.heavy_first, seg_off, seg_len, grad_start,
             m, qw.stride(0), qw.stride(1), dow.stride(0), dow.stride(1),
             k_pool.stride(0), v_pool.stride(0), scale,
             HQ=hq, S=slots, D=d, DP=dp, NSUB=nsub, BLOCK_M=cfg.bwd_block_m, BLOCK_N=block_n,
@@ -651,7 +676,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             dq_plan = plan_pairs(sel[a:b], nseg, cfg.block_m)
             _sel_bwd_dq_kernel[(dq_plan.max_tiles,)](
                 qw, k_pool, v_pool, dow, lse_w, delta_w, dq_part,
-                dq_plan.order, dq_plan.seg_pairs, dq_plan.seg_tiles, seg_start, seg_len,
+                dq_plan.order, dq_plan.seg_pairs, dq_plan.seg_tiles, seg_off, seg_len,
                 nseg, m, qw.stride(0), qw.stride(1), dow.stride(0), dow.stride(1),
                 k_pool.stride(0), v_pool.stride(0), scale,
                 HQ=hq, S=slots, D=d, DP=dp, LOG_SEG=max(1, math.ceil(math.log2(nseg + 1))),
@@ -659,6 +684,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                 IEEE=q.dtype == torch.float32, WHILE_LOOPS=q.device.type == "cpu",
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
+            del dq_plan
         sel_w = sel[a:b]
         sel_w = sel_w if sel_w.is_contiguous() else sel_w.contiguous()
         block_r = 16
@@ -666,4 +692,5 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             dq_part, sel_w, seg_len, dq_base[a:b] if dq_base is not None else dq_part, dq[a:b],
             m * hq, S=slots, P=parts, D=d, DP=dp, BLOCK_N=block_n if fused_dq else chunk,
             BLOCK_R=block_r, HAS_BASE=dq_base is not None, num_warps=4)
+        del dq_part, plan, lse_w, delta_w  # before the next window's
     return dq, dk, dv

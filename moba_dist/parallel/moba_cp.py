@@ -189,7 +189,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     fused = use_fused_selected(dev, q.dtype, chunk)
     stats.selected_kernel = "triton" if fused else "varlen"
     if fused and comm is None:
-        return _static_fused_meta(q, k, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
+        return _static_fused_meta(q, k, v, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
                                   stats), sel, stats
     acc_elem = accum_dtype(q.dtype).itemsize
     window = n if fused else row_window(budget, n, hq, d, chunk, acc_elem)
@@ -332,12 +332,13 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     return meta, sel, stats
 
 
-def _static_fused_meta(q, k, sel, sp: StreamPlan, tables, softmax_scale: float, backend, keep_fetched: bool,
-                       budget: int, stats: MoBAStats) -> CoreMeta:
+def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: float, backend,
+                       keep_fetched: bool, budget: int, stats: MoBAStats) -> CoreMeta:
     """One device, fused kernel: a plan that reads nothing from the device. Every (kv head,
-    block) is a segment, numbered ``g * N + j``, read in place from the head-major K/V (pool row
-    ``g * n + start[j]``); segments no query selected cost the kernels an early exit. The
-    selection becomes segment ids by one elementwise op, so no counts are copied to the host."""
+    block) is a segment, numbered ``g * N + j`` (head-major row ``g * n + start[j]``, where its
+    gradients go), read in place from ``k, v`` themselves when they share strides (no head-major
+    copy); segments no query selected cost the kernels an early exit. The selection becomes
+    segment ids by one elementwise op, so no counts are copied to the host."""
     n, hq, d = q.shape
     hkv = k.shape[1]
     layout = sp.layout
@@ -352,11 +353,20 @@ def _static_fused_meta(q, k, sel, sp: StreamPlan, tables, softmax_scale: float, 
         cached.append(int(sp.ranks[0].part_len.max()) if n else 0)
         sp.device_cache[key] = cached
     seg_start, seg_len, head_base, max_self = cached
+    offset = None
+    if k.stride() == v.stride() and k.stride(-1) == 1:
+        # The kernel reads k, v in place: segment (g, j) at token start[j], head g.
+        okey = ("static_fused_offset", n, hkv, k.stride(), str(q.device))
+        offset = sp.device_cache.get(okey)
+        if offset is None:
+            offset = seg_start % max(n, 1) * k.stride(0) + seg_start // max(n, 1) * k.stride(1)
+            sp.device_cache[okey] = offset
     with record_function("moba.plan"):
         seg = torch.where(sel >= 0, sel + head_base.view(1, hq, 1).to(sel.dtype), -1).to(torch.int32)
     # Mean selected blocks per (query, head), resolved when the statistics are read.
     stats.pending["selected_blocks_per_query"] = ((sel >= 0).sum(), n * hq, 1.0)
-    fused = FusedSel(seg, seg_start, seg_len, hkv * n, layout.chunk, in_place=True, grad_start=seg_start)
+    fused = FusedSel(seg, seg_start, seg_len, hkv * n, layout.chunk, in_place=True, grad_start=seg_start,
+                     offset=offset)
     empty = seg_start.new_empty(0)
     return CoreMeta(
         cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
