@@ -169,6 +169,9 @@ class CoreMeta:
     overlaps: bool = True  # some pool row is in two segments (a causal prefix overlaps a block)
     workspace: int = 1 << 30  # transient bytes allowed (moba_dist.memory.workspace_bytes)
     window_rows: int = 1 << 62  # tokens per query window of the varlen path (see row_window)
+    # Host (first part, end part, first token, end token) of each piece the self part's backward
+    # runs in (see self_pieces); empty: one call.
+    self_pieces: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -404,7 +407,9 @@ def core_backward(dout, q, k, v, out, lse, meta: CoreMeta, recv: torch.Tensor | 
     with record_function("moba.bwd.fetch.start"):
         pending = _Ready(recv) if recv is not None else meta.fetch.start(k, v, "kv_fetch.refetch")
     with record_function("moba.bwd.self"):
-        if n:
+        if n and meta.self_pieces:
+            dq, dk, dv = _self_backward_pieces(dout, q, k, v, out, lse, meta)
+        elif n:
             with workspace_limit(meta.workspace):
                 dq, dk, dv = be.backward(dout, q, k, v, out, lse, meta.cu_self, meta.cu_self,
                                          meta.max_self, meta.max_self, scale, True)
@@ -420,6 +425,44 @@ def core_backward(dout, q, k, v, out, lse, meta: CoreMeta, recv: torch.Tensor | 
     with record_function("moba.bwd.return_grads"):
         dk_loc, dv_loc = meta.fetch.return_grads(dk_recv, dv_recv, _flat(dk), _flat(dv), k.shape[1])
     return dq.to(q.dtype), dk_loc.view(k.shape).to(k.dtype), dv_loc.view(v.shape).to(v.dtype)
+
+
+def self_backward_bytes(tokens: int, hq: int, d: int) -> int:
+    """Scratch of a flash-style varlen backward over ``tokens`` rows of ``hq`` heads: a float32
+    dQ accumulator and, under GQA, float32 dK/dV per q head (what cuDNN's and FlashAttention-2's
+    backward allocate)."""
+    return 12 * tokens * hq * d
+
+
+def self_pieces(part_len: torch.Tensor, hq: int, d: int, budget: int) -> tuple[tuple[int, ...], ...]:
+    """Cut the self part (block parts of ``part_len`` tokens, host) into runs of whole parts whose
+    backward scratch (:func:`self_backward_bytes`) is about ``budget`` (equal token counts, cut at
+    part boundaries): ``(part_a, part_b, token_a, token_b)`` each, or ``()`` when one call fits.
+    The own blocks are independent, so running them in pieces changes nothing but the scratch."""
+    total = int(part_len.sum())
+    pieces = -(-self_backward_bytes(total, hq, d) // max(budget, 1))
+    if pieces <= 1 or part_len.numel() < 2:
+        return ()
+    ends = torch.cumsum(part_len.to(torch.int64), 0)
+    cuts = torch.searchsorted(ends, torch.arange(1, pieces) * total // pieces, right=False) + 1
+    cuts = sorted(set([0, *cuts.clamp(1, part_len.numel() - 1).tolist(), part_len.numel()]))
+    starts = torch.cat([ends.new_zeros(1), ends]).tolist()
+    return tuple((a, b, starts[a], starts[b]) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def _self_backward_pieces(dout, q, k, v, out, lse, meta: CoreMeta):
+    """The self part's backward in the runs of :func:`self_pieces`: token slices of contiguous
+    rows (no copies), each with its own ``cu_seqlens``."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for a, b, ta, tb in meta.self_pieces:
+        cu = meta.cu_self[a:b + 1] - ta
+        with workspace_limit(meta.workspace):
+            dq_p, dk_p, dv_p = meta.backend.backward(
+                dout[ta:tb], q[ta:tb], k[ta:tb], v[ta:tb], out[ta:tb], lse[:, ta:tb], cu, cu,
+                meta.max_self, meta.max_self, meta.softmax_scale, True)
+        dq[ta:tb], dk[ta:tb], dv[ta:tb] = dq_p, dk_p, dv_p
+        del dq_p, dk_p, dv_p
+    return dq, dk, dv
 
 
 def kernel_share(budget: int) -> int:

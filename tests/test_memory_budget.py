@@ -150,3 +150,21 @@ def test_query_windows_bound_the_float32_accumulators(budget, monkeypatch):
     for b in meta.sel_batches:
         tokens = meta.pair_row[b.pairs].long() // hq
         assert ((tokens // window) == b.window).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=40), st.integers(1, 1 << 16))
+def test_self_pieces_cover_the_parts_within_the_budget(part_len, budget):
+    """The self part's backward pieces are consecutive runs of whole parts covering all tokens;
+    each fits the budget unless it is a single part."""
+    from moba_dist.core import self_backward_bytes, self_pieces
+
+    lens = torch.tensor(part_len)
+    pieces = self_pieces(lens, 4, 8, budget)
+    if not pieces:
+        assert self_backward_bytes(sum(part_len), 4, 8) <= budget or len(part_len) < 2
+        return
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(part_len)
+    assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(pieces, pieces[1:]))
+    for a, b, ta, tb in pieces:
+        assert tb - ta == sum(part_len[a:b]) and b > a

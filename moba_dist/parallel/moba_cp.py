@@ -40,6 +40,7 @@ from ..core import (
     kernel_share,
     pair_row_bytes,
     row_window,
+    self_pieces,
     use_fused_selected,
     window_batches,
     window_bytes,
@@ -321,6 +322,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             overlaps=bool(lp.prefix_len),
             workspace=budget,
             window_rows=window,
+            self_pieces=self_pieces(lp.part_len, hq, d, budget),
         )
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]
@@ -342,7 +344,7 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
     n, hq, d = q.shape
     hkv = k.shape[1]
     layout = sp.layout
-    key = ("static_fused", n, hkv, str(q.device))
+    key = ("static_fused", n, hq, hkv, d, budget, str(q.device))
     cached = sp.device_cache.get(key)
     if cached is None:
         start = (torch.arange(hkv)[:, None] * n + layout.start[None, :]).flatten()
@@ -351,8 +353,9 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
         cached = to_device([start, length, head_base], q.device)
         cached[1] = cached[1].to(torch.int32)
         cached.append(int(sp.ranks[0].part_len.max()) if n else 0)
+        cached.append(self_pieces(sp.ranks[0].part_len, hq, d, budget))
         sp.device_cache[key] = cached
-    seg_start, seg_len, head_base, max_self = cached
+    seg_start, seg_len, head_base, max_self, pieces = cached
     offset = None
     if k.stride() == v.stride() and k.stride(-1) == 1:
         # The kernel reads k, v in place: segment (g, j) at token start[j], head g.
@@ -372,7 +375,7 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
         cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
         max_k_sel=layout.chunk, fetch=KVFetch(None, empty, [], [], k.dtype), softmax_scale=softmax_scale,
         backend=get_backend(q.device, q.dtype, d, backend), keep_fetched=keep_fetched, fused=fused,
-        overlaps=False, workspace=budget, window_rows=n)
+        overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces)
 
 
 def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 0) -> torch.Tensor:
