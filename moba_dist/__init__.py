@@ -6,6 +6,7 @@ from .moba import moba_attn_varlen
 from .module import MoBAAttention
 from .parallel.api import moba_attn_varlen_cp, ring_attn_varlen_cp
 from .parallel.step import StepPlan
+from .settings import Settings
 from .stats import MoBAStats, last_stats
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "MoBAAttention",
     "MoBAConfig",
     "MoBAStats",
+    "Settings",
     "StepPlan",
     "__version__",
     "last_stats",

@@ -24,7 +24,6 @@ gradients for each key set (see ``kernels/base.py``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,6 +32,7 @@ from torch.profiler import record_function
 from .kernels import AttnBackend, LSEAccumulator, accum_dtype, index_add_rows
 from .memory import workspace_limit
 from .parallel.comm import Comm
+from .settings import SELECTED_ENV, Settings
 
 
 @dataclass(frozen=True)
@@ -106,18 +106,20 @@ class _Ready:
         return self.value
 
 
-SELECTED_ENV = "MOBA_DIST_SELECTED_KERNEL"
 FUSED_MAX_CHUNK = 512  # auto: blocks up to this size go to the fused kernel, larger to varlen ones
 
 
-def use_fused_selected(device: torch.device, dtype: torch.dtype, chunk: int) -> bool:
+def use_fused_selected(device: torch.device, dtype: torch.dtype, chunk: int,
+                       choice: str | None = None) -> bool:
     """Whether the selected part runs in the fused Triton kernel (``kernels/triton_moba.py``)
-    rather than the varlen backend; ``$MOBA_DIST_SELECTED_KERNEL``: ``auto`` (default: CUDA,
-    bf16/fp16, ``chunk <= FUSED_MAX_CHUNK``), ``triton`` (also float32, and on CPU under
+    rather than the varlen backend; ``choice`` (:attr:`moba_dist.Settings.selected_kernel`;
+    default: ``$MOBA_DIST_SELECTED_KERNEL`` read now): ``auto`` (CUDA, bf16/fp16,
+    ``chunk <= FUSED_MAX_CHUNK``), ``triton`` (also float32, and on CPU under
     ``TRITON_INTERPRET=1``, for tests) or ``varlen``."""
-    choice = os.environ.get(SELECTED_ENV, "auto")
-    if choice not in ("auto", "triton", "varlen"):
-        raise ValueError(f"{SELECTED_ENV}: expected auto, triton or varlen, got {choice!r}")
+    if choice is None:
+        choice = Settings.from_env().selected_kernel
+    elif choice not in ("auto", "triton", "varlen"):
+        raise ValueError(f"selected_kernel: expected auto, triton or varlen, got {choice!r}")
     if choice == "varlen" or (choice == "auto" and (
             device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)
             or chunk > FUSED_MAX_CHUNK)):

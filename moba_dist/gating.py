@@ -9,11 +9,7 @@ block is always added separately by the attention.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-GATE_ENV = "MOBA_DIST_GATE"  # "torch" forces the pure-PyTorch gate on CUDA too
 
 SUM_TILE_ELEMS = 1 << 27  # key elements gathered per summary tile
 SUM_DTYPE = torch.float64  # block key sums: exact (hence order-free) for bf16/fp16 keys
@@ -139,9 +135,10 @@ def gate_scores(qt: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _triton_gate():
-    """The fused Triton gate + top-k, or None when Triton (or a GPU for it) is missing."""
-    if os.environ.get(GATE_ENV, "auto") == "torch":
+def _triton_gate(gate: str):
+    """The fused Triton gate + top-k (``gate="auto"``), or None for ``"torch"`` or when Triton
+    (or a GPU for it) is missing."""
+    if gate == "torch":
         return None
     try:
         from .kernels.triton_gate import gate_topk
@@ -152,7 +149,7 @@ def _triton_gate():
 
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tensor,
-                  q_first_block: torch.Tensor, topk: int, tiles) -> torch.Tensor:
+                  q_first_block: torch.Tensor, topk: int, tiles, gate: str = "auto") -> torch.Tensor:
     """Top-(topk-1) past blocks of every local query and head.
 
     Args:
@@ -163,6 +160,7 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tenso
             first block of its sequence (global ids).
         topk: MoBA's top-k, counting the current block.
         tiles: from :func:`gate_tiles` (the pure-PyTorch path's tiling).
+        gate: ``"auto"`` (the fused Triton gate on CUDA) or ``"torch"`` (:attr:`moba_dist.Settings.gate`).
 
     Returns:
         ``[n, Hq, topk - 1]`` int32 global block ids, ``-1`` where a query has fewer past blocks.
@@ -174,7 +172,7 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, q_block: torch.Tenso
     sel = torch.full((n, hq, max(topk - 1, 0)), -1, dtype=torch.int32, device=q.device)
     if topk <= 1 or n == 0:
         return sel
-    fused = _triton_gate() if q.is_cuda and summaries.dtype == torch.float32 else None
+    fused = _triton_gate(gate) if q.is_cuda and summaries.dtype == torch.float32 else None
     if fused is not None:
         return fused(q, summaries, q_block, q_first_block, topk)
     acc = summaries.dtype

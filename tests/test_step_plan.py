@@ -12,7 +12,7 @@ from dist_utils import run_distributed
 from helpers import make_cu
 
 import moba_dist
-from moba_dist import MoBAConfig, StepPlan, last_stats, moba_attn_varlen
+from moba_dist import MoBAConfig, StepPlan, last_stats, moba_attn_varlen, moba_attn_varlen_cp
 from moba_dist.core import SELECTED_ENV
 from moba_dist.reference import moba_attn_varlen_reference
 
@@ -175,3 +175,48 @@ def test_gpu_step_syncs_do_not_grow_with_layers(monkeypatch, layers):
     syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
     assert plan.host_syncs == 1 and len(syncs) == 1, syncs
     assert moba_dist.last_stats().selected_kernel == "triton"
+
+
+def test_settings_are_read_once_per_plan(monkeypatch):
+    pytest.importorskip("triton")
+    from moba_dist import Settings
+
+    cu = make_cu(LENGTHS)
+    x, ((k, v),) = _weights(1)
+    x, k, v = x.float(), k.float(), v.float()
+    monkeypatch.setenv(SELECTED_ENV, "triton")
+    plan = StepPlan(cu)
+    monkeypatch.setenv(SELECTED_ENV, "varlen")  # too late for this plan: it read the environment
+    moba_attn_varlen(x, k, v, cu, 51, CHUNK, TOPK, plan=plan)
+    assert last_stats().selected_kernel == "triton"
+    moba_attn_varlen(x, k, v, cu, 51, CHUNK, TOPK)  # no plan: the environment now
+    assert last_stats().selected_kernel == "varlen"
+    explicit = StepPlan(cu, settings=Settings(selected_kernel="triton", record_selection=True))
+    moba_attn_varlen(x, k, v, cu, 51, CHUNK, TOPK, plan=explicit)
+    stats = last_stats()
+    assert stats.selected_kernel == "triton" and stats.selection is not None
+    with pytest.raises(ValueError, match="selected_kernel"):
+        Settings(selected_kernel="fast")
+    with pytest.raises(TypeError, match="keep_fetched"):
+        Settings(keep_fetched=1)
+    monkeypatch.setenv("MOBA_DIST_GATE_BALANCE", "yes")
+    with pytest.raises(ValueError, match="MOBA_DIST_GATE_BALANCE"):
+        StepPlan(cu)
+
+
+def _settings_mismatch_worker(rank, world):
+    from moba_dist import Settings
+    from moba_dist.parallel.handshake import RankMismatchError
+
+    cu = make_cu(LENGTHS)
+    total = int(cu[-1])
+    a, b = rank * total // world, (rank + 1) * total // world
+    x, ((k, v),) = _weights(1)
+    plan = StepPlan(cu, context_parallel=True, settings=Settings(keep_fetched=rank == 1))
+    with pytest.raises(RankMismatchError, match="keep_fetched"):
+        moba_attn_varlen_cp(x[a:b], k[a:b], v[a:b], cu, CHUNK, TOPK, plan=plan)
+    dist.barrier()
+
+
+def test_ranks_must_agree_on_communicating_settings():
+    run_distributed(_settings_mismatch_worker, 2)

@@ -58,7 +58,7 @@ def resolve_ring_impl(impl) -> str:
 
 
 def _local_checks(entry: str, comm: Comm | None, q, k, v, cu_seqlens, chunk, topk, softmax_scale,
-                  backend, impl) -> tuple[dict[str, int], float, str]:
+                  backend, impl, settings=None) -> tuple[dict[str, int], float, str]:
     """Every check that needs no other rank; returns (fingerprint, scale, resolved impl)."""
     check_qkv(q, k, v)
     if comm is not None:
@@ -72,12 +72,12 @@ def _local_checks(entry: str, comm: Comm | None, q, k, v, cu_seqlens, chunk, top
     cuda = q.device.type == "cuda"
     words = fingerprint(entry, q, k, cu_seqlens, chunk, topk, scale, be.name, impl,
                         flash_attn=cuda and backend_installed("flash_attn"),
-                        ring_flash_attn=cuda and load_ring_flash_attn() is not None)
+                        ring_flash_attn=cuda and load_ring_flash_attn() is not None, settings=settings)
     return words, scale, impl
 
 
 def _open(entry: str, group, q, k, v, cu_seqlens, softmax_scale, backend, impl,
-          chunk_topk=None) -> tuple[Comm, Agreement, float, str, tuple[int, int]]:
+          chunk_topk=None, settings=None) -> tuple[Comm, Agreement, float, str, tuple[int, int]]:
     """Open a call: group, local checks, handshake. Raises on every rank alike (see module doc)."""
 
     def local(comm):
@@ -86,7 +86,7 @@ def _open(entry: str, group, q, k, v, cu_seqlens, softmax_scale, backend, impl,
             chunk = check_positive_int("moba_chunk_size", chunk_topk[0])
             topk = check_positive_int("moba_topk", chunk_topk[1])
         return (*_local_checks(entry, comm, q, k, v, cu_seqlens, chunk, topk, softmax_scale,
-                               backend, impl), (chunk, topk))
+                               backend, impl, settings), (chunk, topk))
 
     try:
         comm, group_error = open_group(group, entry), None
@@ -127,7 +127,8 @@ def _begin(entry: str, plan: StepPlan | None, group, q, k, v, cu_seqlens, softma
     agreed = plan.agreed()
     if agreed is None:
         comm, agreement, scale, impl, chunk_topk = _open(entry, plan.group, q, k, v, cu_seqlens,
-                                                         softmax_scale, backend, impl, chunk_topk)
+                                                         softmax_scale, backend, impl, chunk_topk,
+                                                         plan.settings)
         plan.establish_cp(comm, agreement.cu_seqlens, agreement.offsets, q)
         cu, offsets, ran = agreement.cu_seqlens, agreement.offsets, True
     else:

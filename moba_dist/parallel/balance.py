@@ -14,14 +14,11 @@ on the block layout, ``O(W + N)``, cached with the layout.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..blocks import BlockLayout
 from .comm import Comm
 
-BALANCE_ENV = "MOBA_DIST_GATE_BALANCE"  # "auto" (default), "1" always, "0" never
 MIN_MEAN_CANDIDATES = 256  # below this mean gate width the gate is cheap next to attention
 MIN_IMBALANCE = 1.15  # slowest rank's work over the mean, below which moving queries is not worth it
 
@@ -48,9 +45,9 @@ def balanced_offsets(layout: BlockLayout, world: int) -> torch.Tensor:
     return torch.cat([torch.tensor([0]), cuts, torch.tensor([end])]).to(torch.int64)
 
 
-def should_balance(layout: BlockLayout, offsets: torch.Tensor) -> bool:
-    """Whether gating on work-balanced slices pays (``$MOBA_DIST_GATE_BALANCE`` overrides)."""
-    mode = os.environ.get(BALANCE_ENV, "auto")
+def should_balance(layout: BlockLayout, offsets: torch.Tensor, mode: str = "auto") -> bool:
+    """Whether gating on work-balanced slices pays; ``mode`` (:attr:`moba_dist.Settings.gate_balance`)
+    ``"1"``/``"0"`` forces it on/off."""
     world = offsets.numel() - 1
     if mode == "0" or world == 1:
         return False

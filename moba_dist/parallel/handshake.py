@@ -44,9 +44,10 @@ import torch
 import torch.distributed as dist
 
 from ..device import to_device
+from ..settings import Settings
 from .comm import Comm
 
-PROTOCOL = 1  # bump when the row layout changes
+PROTOCOL = 2  # bump when the row layout changes
 MSG_BYTES = 256
 ENV_PREFIX = "MOBA_DIST_"
 # Settings that change what ranks compute or communicate, one field each; any other MOBA_DIST_*
@@ -74,6 +75,8 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("deterministic", "torch.use_deterministic_algorithms"),
     ("flash_attn", "flash-attn importable"),
     ("ring_flash_attn", "ring-flash-attn importable"),
+    ("settings", "Settings.keep_fetched / gate_balance (a StepPlan's, or $MOBA_DIST_KEEP_FETCHED / "
+                 "$MOBA_DIST_GATE_BALANCE)"),
     *((f"env:{name}", f"${name}") for name in ENV_FIELDS),
     ("env:other", "other MOBA_DIST_* environment variables"),
 )
@@ -177,9 +180,15 @@ def _env_words() -> dict[str, int]:
     return words
 
 
+def _settings_word(settings: Settings) -> int:
+    """The settings that change what is communicated (the backward's re-fetch, the gate's
+    balancing all-to-all); the others change local work only and may differ between ranks."""
+    return _str_word(f"keep_fetched={settings.keep_fetched} gate_balance={settings.gate_balance}")
+
+
 def fingerprint(entry: str, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
                 chunk: int, topk: int, scale: float, backend: str, impl: str,
-                flash_attn: bool, ring_flash_attn: bool) -> dict[str, int]:
+                flash_attn: bool, ring_flash_attn: bool, settings: Settings | None = None) -> dict[str, int]:
     """This rank's host-side fingerprint words (the ``cu_seqlens`` hash is added by :func:`agree`).
 
     ``chunk``/``topk`` are 0 for the ring; ``backend`` is the resolved kernel backend's name,
@@ -201,6 +210,7 @@ def fingerprint(entry: str, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.
         "deterministic": int(torch.are_deterministic_algorithms_enabled()),
         "flash_attn": int(flash_attn),
         "ring_flash_attn": int(ring_flash_attn),
+        "settings": _settings_word(settings if settings is not None else Settings.from_env()),
     }
     words.update(_env_words())
     return words

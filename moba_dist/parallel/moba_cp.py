@@ -26,7 +26,6 @@ planned and uploaded once per layout and reused by every layer (``plan.stream_pl
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
@@ -49,19 +48,11 @@ from ..device import to_device, to_host
 from ..gating import block_means, block_part_sums, gate_tile_elems, gate_tiles, select_blocks
 from ..kernels import accum_dtype, get_backend
 from ..memory import workspace_bytes
+from ..settings import Settings
 from ..stats import MoBAStats, record
-from .balance import BALANCE_ENV, balanced_offsets, move_rows, should_balance
+from .balance import balanced_offsets, move_rows, should_balance
 from .comm import Comm
 from .plan import StreamPlan, expand_ranges, fetch_plan, stream_plan
-
-KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
-RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"  # "1": last_stats().selection holds the chosen blocks
-
-
-def keep_fetched_default() -> bool:
-    """Whether fetched K/V rows are kept for backward instead of fetched again;
-    ``$MOBA_DIST_KEEP_FETCHED=1`` (default off: backward re-fetches them)."""
-    return os.environ.get(KEEP_FETCHED_ENV, "0") not in ("", "0", "false", "False")
 
 
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -117,23 +108,23 @@ def _prefix_pairs(first_part: int, hq: int, hkv: int, device) -> torch.Tensor:
     return (t.view(1, -1, 1) * hq + h).flatten()
 
 
-def _gate_slices(sp: StreamPlan, offsets: torch.Tensor) -> torch.Tensor | None:
+def _gate_slices(sp: StreamPlan, offsets: torch.Tensor, mode: str) -> torch.Tensor | None:
     """Work-balanced slice cuts for the gate, or None to gate where the queries are (cached)."""
-    key = ("gate_slices", os.environ.get(BALANCE_ENV, "auto"))
+    key = ("gate_slices", mode)
     if key not in sp.device_cache:
         sp.device_cache[key] = (balanced_offsets(sp.layout, offsets.numel() - 1)
-                                if should_balance(sp.layout, offsets) else None)
+                                if should_balance(sp.layout, offsets, mode) else None)
     return sp.device_cache[key]
 
 
-def _gate(q, summaries, layout, tables, begin: int, topk: int, budget: int) -> torch.Tensor:
+def _gate(q, summaries, layout, tables, begin: int, topk: int, budget: int, gate: str) -> torch.Tensor:
     """Selections ``[n, Hq, topk - 1]`` of queries at global positions ``begin + row``."""
     n, hq, _ = q.shape
     pos = begin + torch.arange(n, device=q.device)
     q_block = torch.searchsorted(tables["start"], pos, right=True) - 1
     q_first = tables["first_block"][q_block]
     tiles = gate_tiles(layout, begin, n, hq, gate_tile_elems(budget, summaries.dtype))
-    return select_blocks(q, summaries, q_block, q_first, topk, tiles)
+    return select_blocks(q, summaries, q_block, q_first, topk, tiles, gate)
 
 
 def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
@@ -143,7 +134,8 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     brought to the host by the caller (host sync A: this call's, or, with ``plan`` (a
     :class:`~moba_dist.parallel.step.StepPlan`), the step's, counted there)."""
     meta, _, stats = moba_plan(q, k, v, cu_seqlens, offsets, chunk, topk, softmax_scale, comm, backend,
-                               keep_fetched, host_syncs=0 if plan is not None else 1)
+                               keep_fetched, host_syncs=0 if plan is not None else 1,
+                               settings=plan.settings if plan is not None else None)
     out = MoBACore.apply(q, k, v, meta)
     stats.bytes_sent = comm.sent if comm else {}
     stats.bytes_received = comm.received if comm else {}
@@ -155,11 +147,15 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
 
 def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
               softmax_scale: float, comm: Comm | None, backend: str | None,
-              keep_fetched: bool | None = None, sel: torch.Tensor | None = None, host_syncs: int = 1):
+              keep_fetched: bool | None = None, sel: torch.Tensor | None = None, host_syncs: int = 1,
+              settings: Settings | None = None):
     """Gate (unless ``sel [n, Hq, topk - 1]``, an earlier gate's selection, is given) and plan:
     returns ``(meta, sel, stats)``, ``meta`` the :class:`~moba_dist.core.CoreMeta` of
     :func:`~moba_dist.core.core_forward`/``core_backward``. Collectives: the block-sum all-gather
-    (only when gating) and the selection-count all-gather (host sync B)."""
+    (only when gating) and the selection-count all-gather (host sync B). ``settings``: the step
+    plan's (default: read from the environment now); ``keep_fetched`` overrides its field."""
+    if settings is None:
+        settings = Settings.from_env()
     world, rank = (comm.world, comm.rank) if comm else (1, 0)
     n, hq, d = q.shape
     hkv = k.shape[1]
@@ -170,16 +166,16 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     nblk = layout.num_blocks
     stats = MoBAStats(world_size=world, rank=rank, local_tokens=n, host_syncs=host_syncs)
     if keep_fetched is None:
-        keep_fetched = keep_fetched_default()
+        keep_fetched = settings.keep_fetched
     budget = workspace_bytes(q, k, v)
 
     # Gate: global block means, then each local query against its sequence's past blocks,
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
     if sel is None:
-        sel = _select(q, k, sp, tables, offsets, comm, topk, budget, rank)
+        sel = _select(q, k, sp, tables, offsets, comm, topk, budget, rank, settings)
     sel = sel.to(torch.int32)
     kk = sel.shape[-1]
-    if os.environ.get(RECORD_ENV, "0") == "1":
+    if settings.record_selection:
         stats.selection = sel.sort(-1).values
 
     # Count selections per (kv head, block); every rank learns every rank's needs (sync B).
@@ -187,7 +183,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     # from it are made one kv-head group at a time, so no int64 copy of all of it exists.
     # The varlen path also counts per query window (see core.row_windows), in the same copy.
     group = hq // hkv
-    fused = use_fused_selected(dev, q.dtype, chunk)
+    fused = use_fused_selected(dev, q.dtype, chunk, settings.selected_kernel)
     stats.selected_kernel = "triton" if fused else "varlen"
     if fused and comm is None:
         return _static_fused_meta(q, k, v, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
@@ -411,18 +407,19 @@ def _pair_rows(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int
     return torch.cat(parts) if parts else sel.new_empty(0)
 
 
-def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int, rank: int) -> torch.Tensor:
+def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int, rank: int,
+            settings: Settings) -> torch.Tensor:
     """The gate: global block means, then each local query against its sequence's past blocks,
     on work-balanced slices when the gate is heavy and the contiguous slices are uneven."""
     layout, lp = sp.layout, sp.ranks[rank]
     with record_function("moba.summaries"):
         summaries = _block_summaries(k, sp, tables, comm, accum_dtype(q.dtype))
     with record_function("moba.gate"):
-        balanced = _gate_slices(sp, offsets) if comm is not None else None
+        balanced = _gate_slices(sp, offsets, settings.gate_balance) if comm is not None else None
         if balanced is None:
-            return _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget)
+            return _gate(q.detach(), summaries, layout, tables, lp.begin, topk, budget, settings.gate)
         q_g = move_rows(q.detach(), offsets, balanced, comm, "gate_balance")
-        sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget)
+        sel_g = _gate(q_g, summaries, layout, tables, int(balanced[rank]), topk, budget, settings.gate)
         return move_rows(sel_g, balanced, offsets, comm, "gate_balance.back")
 
 

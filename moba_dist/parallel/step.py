@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_cu_seqlens, check_cu_seqlens_form
+from ..settings import Settings
 
 
 class StepPlan:
@@ -37,6 +38,8 @@ class StepPlan:
             (or a CPU tensor with the same values).
         group: process group for context parallelism (``None``: the default group).
         context_parallel: whether the calls are context-parallel (each rank passes its slice).
+        settings: the pipeline's switches for the step (:class:`moba_dist.Settings`); default:
+            the ``MOBA_DIST_*`` environment, read here once.
 
     Construction communicates and reads nothing; the first call that uses the plan establishes
     it. Make a new plan when the batch changes. A plan is used by one process group and one
@@ -54,8 +57,12 @@ class StepPlan:
         calls: attention calls that used the plan.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, *, group=None, context_parallel: bool = False):
+    def __init__(self, cu_seqlens: torch.Tensor, *, group=None, context_parallel: bool = False,
+                 settings: Settings | None = None):
         check_cu_seqlens_form(cu_seqlens)
+        if settings is not None and not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a moba_dist.Settings or None, got {type(settings).__name__}")
+        self.settings = settings if settings is not None else Settings.from_env()
         if not isinstance(context_parallel, bool):
             raise TypeError(f"context_parallel must be a bool, got {type(context_parallel).__name__}")
         self.cu_seqlens = cu_seqlens
