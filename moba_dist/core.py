@@ -151,6 +151,8 @@ class FusedSel:
     # int64 [segments]: set on one device: the kernel reads ``k, v`` themselves (no head-major
     # pool), segment g at element offset[g] of ``k[:, 0]``/``v[:, 0]`` (row stride k.stride(0))
     offset: torch.Tensor | None = None
+    # int32 [Hq]: set: ``sel`` holds block ids, segment ``sel + head_offset[h]`` (mapped per window)
+    head_offset: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class CoreMeta:
     # Host (first part, end part, first token, end token) of each piece the self part's backward
     # runs in (see self_pieces); empty: one call.
     self_pieces: tuple[tuple[int, int, int, int], ...] = ()
+    forward_only: bool = False  # no gradient will be asked for (prefill): smaller scratch windows
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -346,7 +349,7 @@ class MoBACore(torch.autograd.Function):
 
 
 _PLAN_FIELDS = ("cu_self", "pair_row", "seg_index")
-_FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset")
+_FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset", "head_offset")
 
 
 def split_plan(meta: CoreMeta) -> tuple[list[torch.Tensor], CoreMeta]:
@@ -594,8 +597,10 @@ def _fused_pools(recv, k, v, meta: CoreMeta):
 def _partial_bytes(meta: CoreMeta) -> int:
     """Float32 partial results (forward) and dq parts (backward) of the fused kernel at once: a
     quarter of the workspace, the rest covering the kernel's other buffers (delta, dk/dv, the
-    pair order) and the own block's gradients alive beside them."""
-    return max(1 << 20, meta.workspace // 4)
+    pair order) and the own block's gradients alive beside them. A forward-only call (prefill)
+    takes a sixteenth: its peak is the inputs and the output plus this scratch, set against an
+    inference kernel's, which has none."""
+    return max(1 << 20, meta.workspace // (16 if meta.forward_only else 4))
 
 
 def _fused_forward(q, recv, k, v, out, lse, meta: CoreMeta):
@@ -608,7 +613,7 @@ def _fused_forward(q, recv, k, v, out, lse, meta: CoreMeta):
     # The self part's output is dead after the merge: the result is written over it.
     return selected_attn_fwd(q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk, meta.softmax_scale,
                              self_out=out, self_lse=lse, out_dtype=q.dtype, config=cfg, in_place=True,
-                             seg_offset=f.offset)
+                             seg_offset=f.offset, head_offset=f.head_offset)
 
 
 def _fused_backward(dout, q, out, lse, recv, k, v, dq, meta: CoreMeta):
@@ -625,7 +630,8 @@ def _fused_backward(dout, q, out, lse, recv, k, v, dq, meta: CoreMeta):
     dq, dk, dv = selected_attn_bwd(dout, q, k_seg, v_seg, f.seg_start, f.seg_len, f.sel, f.chunk,
                                    out, lse, meta.softmax_scale, config=cfg, dq_base=dq, dq_dtype=q.dtype,
                                    grad_start=f.seg_start if direct else f.grad_start,
-                                   grad_rows=rows if direct else f.rows, seg_offset=f.offset)
+                                   grad_rows=rows if direct else f.rows, seg_offset=f.offset,
+                                   head_offset=f.head_offset)
     if direct:
         return dq, dk, dv
     # Segment-major gradients to pool rows. A pool row belongs to at most two segments, and to

@@ -20,6 +20,8 @@ Index format (all on the device; nothing is synchronised with the host):
     (``k_pool = k[:, 0]``, offset ``t * k.stride(0) + g * k.stride(1)``), no head-major copy.
     Segments may overlap (e.g. a block and a prefix of it).
   * ``sel [n, Hq, S]`` int32: the segments (query ``i``, head ``h``) attends to, ``-1`` for
+    none (or, with ``head_offset [Hq]``, ids that become ``sel + head_offset[h]`` where
+    ``sel >= 0``, mapped one query window at a time: no full-size copy of the ids);
     none; a segment must hold keys of kv head ``h // (Hq // Hkv)`` (the kernel does not check).
     Slot order is free; a segment listed twice in one row would be counted twice.
 
@@ -497,6 +499,14 @@ def _offsets(seg_start: torch.Tensor, seg_offset: torch.Tensor | None, k_pool: t
     return (seg_start.to(torch.int64) * k_pool.stride(0)).contiguous()
 
 
+def _window_ids(sel: torch.Tensor, a: int, b: int, head_offset: torch.Tensor | None) -> torch.Tensor:
+    """Segment ids of queries ``[a, b)``: ``sel[a:b]``, or with ``head_offset`` the ids it maps to."""
+    if head_offset is None:
+        return sel[a:b]
+    w = sel[a:b]
+    return torch.where(w >= 0, w + head_offset.view(1, -1, 1).to(w.dtype), -1).to(torch.int32)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -507,7 +517,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
                       self_out: torch.Tensor | None = None, self_lse: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.float32,
                       config: SelConfig | None = None, in_place: bool = False,
-                      seg_offset: torch.Tensor | None = None,
+                      seg_offset: torch.Tensor | None = None, head_offset: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every (query, head) over the union of its selected segments,
     optionally merged with another key set's result (the query's own block).
@@ -523,6 +533,8 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
             allow (saves an ``[n, Hq, D]`` output; the self part is consumed).
         seg_offset: optional int64 ``[nseg]`` element offsets of the segments (module
             docstring); default ``seg_start * k_pool.stride(0)``.
+        head_offset: optional int ``[Hq]`` added to the non-negative ids of each head's slots
+            (module docstring).
 
     Returns:
         ``out [n, Hq, D]`` and ``lse [Hq, n]`` float32 (natural log; ``-inf`` and output 0 for a
@@ -566,7 +578,7 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         lse_part = torch.full((m * hq * max(slots, 1),), float("-inf"), dtype=torch.float32,
                               device=q.device)
         if slots:
-            plan = plan_pairs(sel[a:b], nseg, cfg.block_m)
+            plan = plan_pairs(_window_ids(sel, a, b, head_offset), nseg, cfg.block_m)
             qw = q[a:b]
             _sel_fwd_kernel[(plan.max_tiles,)](
                 qw, k_pool, v_pool, o_part, lse_part,
@@ -593,7 +605,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                       softmax_scale: float | None = None, *, grad_start: torch.Tensor | None = None,
                       grad_rows: int | None = None, config: SelConfig | None = None,
                       dq_base: torch.Tensor | None = None, dq_dtype: torch.dtype = torch.float32,
-                      seg_offset: torch.Tensor | None = None,
+                      seg_offset: torch.Tensor | None = None, head_offset: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the selected part given the row's *final* ``out [n, Hq, D]`` and
     ``lse [Hq, n]`` (after merging with every other key set of the row).
@@ -610,6 +622,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             block), added to ``dq`` in the same pass (no float32 copy of either).
         dq_dtype: dtype of the returned ``dq`` (one rounding of the float32 sum).
         seg_offset: as in :func:`selected_attn_fwd` (reading only; gradients go by ``grad_start``).
+        head_offset: as in :func:`selected_attn_fwd`.
 
     Returns ``dq [n, Hq, D]`` (``dq_dtype``) and ``dk, dv [grad_rows, D]`` float32 (rows outside
     every range get 0). Scratch: ``delta`` and the per-pair ``dq`` parts, in windows of
@@ -662,7 +675,8 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         dq_part = torch.empty(m * hq * slots * parts, d, dtype=torch.float32, device=q.device)
         qw, dow = q[a:b], dout[a:b]
         lse_w, delta_w = lse[:, a:b].contiguous(), delta[:, a:b].contiguous()
-        plan = plan_pairs(sel[a:b], nseg, cfg.bwd_block_m)
+        sel_w = _window_ids(sel, a, b, head_offset)
+        plan = plan_pairs(sel_w, nseg, cfg.bwd_block_m)
         _sel_bwd_kernel[(nseg, nsub)](
             qw, k_pool, v_pool, dow, lse_w, delta_w, dq_part, dk, dv,
             plan.order, plan.seg_pairs, plan.heavy_first, seg_off, seg_len, grad_start,
@@ -673,7 +687,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             num_warps=cfg.bwd_num_warps,
         )
         if not fused_dq:
-            dq_plan = plan_pairs(sel[a:b], nseg, cfg.block_m)
+            dq_plan = plan_pairs(sel_w, nseg, cfg.block_m)
             _sel_bwd_dq_kernel[(dq_plan.max_tiles,)](
                 qw, k_pool, v_pool, dow, lse_w, delta_w, dq_part,
                 dq_plan.order, dq_plan.seg_pairs, dq_plan.seg_tiles, seg_off, seg_len,
@@ -685,12 +699,11 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             del dq_plan
-        sel_w = sel[a:b]
         sel_w = sel_w if sel_w.is_contiguous() else sel_w.contiguous()
         block_r = 16
         _dq_sum_kernel[(triton.cdiv(m * hq, block_r),)](
             dq_part, sel_w, seg_len, dq_base[a:b] if dq_base is not None else dq_part, dq[a:b],
             m * hq, S=slots, P=parts, D=d, DP=dp, BLOCK_N=block_n if fused_dq else chunk,
             BLOCK_R=block_r, HAS_BASE=dq_base is not None, num_warps=4)
-        del dq_part, plan, lse_w, delta_w  # before the next window's
+        del dq_part, plan, lse_w, delta_w, sel_w  # before the next window's
     return dq, dk, dv

@@ -319,6 +319,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             workspace=budget,
             window_rows=window,
             self_pieces=self_pieces(lp.part_len, hq, d, budget),
+            forward_only=_forward_only(q, k, v),
         )
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]
@@ -347,7 +348,7 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
         length = layout.length.repeat(hkv)
         head_base = torch.arange(hq) // (hq // hkv) * layout.num_blocks
         cached = to_device([start, length, head_base], q.device)
-        cached[1] = cached[1].to(torch.int32)
+        cached[1], cached[2] = cached[1].to(torch.int32), cached[2].to(torch.int32)
         cached.append(int(sp.ranks[0].part_len.max()) if n else 0)
         cached.append(self_pieces(sp.ranks[0].part_len, hq, d, budget))
         sp.device_cache[key] = cached
@@ -360,18 +361,24 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
         if offset is None:
             offset = seg_start % max(n, 1) * k.stride(0) + seg_start // max(n, 1) * k.stride(1)
             sp.device_cache[okey] = offset
-    with record_function("moba.plan"):
-        seg = torch.where(sel >= 0, sel + head_base.view(1, hq, 1).to(sel.dtype), -1).to(torch.int32)
     # Mean selected blocks per (query, head), resolved when the statistics are read.
     stats.pending["selected_blocks_per_query"] = ((sel >= 0).sum(), n * hq, 1.0)
-    fused = FusedSel(seg, seg_start, seg_len, hkv * n, layout.chunk, in_place=True, grad_start=seg_start,
-                     offset=offset)
+    # The kernels map block ids to segment ids ``g * N + j`` one query window at a time.
+    fused = FusedSel(sel, seg_start, seg_len, hkv * n, layout.chunk, in_place=True, grad_start=seg_start,
+                     offset=offset, head_offset=head_base)
     empty = seg_start.new_empty(0)
     return CoreMeta(
         cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
         max_k_sel=layout.chunk, fetch=KVFetch(None, empty, [], [], k.dtype), softmax_scale=softmax_scale,
         backend=get_backend(q.device, q.dtype, d, backend), keep_fetched=keep_fetched, fused=fused,
-        overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces)
+        overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces,
+        forward_only=_forward_only(q, k, v))
+
+
+def _forward_only(q, k, v) -> bool:
+    """No gradient can be asked of this call's output (``no_grad``/``inference_mode``, or inputs
+    that do not require one)."""
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
 def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 0) -> torch.Tensor:
