@@ -200,7 +200,7 @@ def moba_attn_varlen_cp(
     Communicated: the handshake (one all-gather of 480 bytes per rank: slice lengths and the
     agreement check), block key sums (all-gather), selection counts (all-gather), and only the
     selected key/value rows (all-to-all, reversed in backward). See ``moba_cp.py`` for volumes
-    and the two host syncs. Statistics: :func:`moba_dist.last_stats`.
+    and the two host syncs (one per layer with a shared ``plan``). Statistics: :func:`moba_dist.last_stats`.
 
     When ``moba_topk * moba_chunk_size`` covers the longest sequence, every past block would be
     selected and MoBA *is* full causal attention: the call then runs

@@ -17,8 +17,10 @@ Communication per call, per rank (W ranks, N blocks, Hkv kv heads, D head dim):
 
 Host syncs (both needed to size the all-to-all, nothing else waits on the device; counted in
 ``MoBAStats.host_syncs``):
-  A. after (1): slice lengths and ``cu_seqlens`` to the host, in one copy;
-  B. after (3): the selection counts to the host.
+  A. after (1): slice lengths and ``cu_seqlens`` to the host, in one copy (once per step with a
+     :class:`~moba_dist.parallel.step.StepPlan`, which also skips (1) in later layers);
+  B. after (3): the selection counts to the host (every MoBA layer; on one device only on the
+     varlen path: the fused kernel's one-device plan is static, see ``_static_fused_meta``).
 Host-planned index tables go to the device in one pinned, non-blocking copy per call, and the
 layout-only tables (which depend on ``cu_seqlens``, the slice offsets and ``chunk`` alone) are
 planned and uploaded once per layout and reused by every layer (``plan.stream_plan``).
