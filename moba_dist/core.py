@@ -162,7 +162,7 @@ class CoreMeta:
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
     pair_row: torch.Tensor | None  # [pairs] int32 flat ``t * Hq + h`` row of each selected pair, by segment
-    seg_index: torch.Tensor  # [rows] pool rows of every key segment, in segment order
+    seg_index: torch.Tensor  # int32 [rows] pool rows of every key segment, in segment order
     sel_batches: list[SelBatch]
     max_k_sel: int
     fetch: KVFetch

@@ -304,7 +304,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
         send_index = expand_ranges(runs[0], runs[1], sum(fp.send_splits))
-        seg_index = expand_ranges(runs[2], runs[3], num_rows)
+        # Pool rows fit int32 (kept for backward: half the bytes of int64).
+        seg_index = expand_ranges(runs[2], runs[3], num_rows).to(torch.int32)
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
