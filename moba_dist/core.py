@@ -176,7 +176,6 @@ class CoreMeta:
     # Host (first part, end part, first token, end token) of each piece the self part's backward
     # runs in (see self_pieces); empty: one call.
     self_pieces: tuple[tuple[int, int, int, int], ...] = ()
-    forward_only: bool = False  # no gradient will be asked for (prefill): smaller scratch windows
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -597,10 +596,9 @@ def _fused_pools(recv, k, v, meta: CoreMeta):
 def _partial_bytes(meta: CoreMeta) -> int:
     """Float32 partial results (forward) and dq parts (backward) of the fused kernel at once: a
     quarter of the workspace, the rest covering the kernel's other buffers (delta, dk/dv, the
-    pair order) and the own block's gradients alive beside them. A forward-only call (prefill)
-    takes a sixteenth: its peak is the inputs and the output plus this scratch, set against an
-    inference kernel's, which has none."""
-    return max(1 << 20, meta.workspace // (16 if meta.forward_only else 4))
+    pair order) and the own block's gradients alive beside them. (A forward-only call's
+    workspace is itself a quarter of the training budget: see ``parallel/moba_cp.py``.)"""
+    return max(1 << 20, meta.workspace // 4)
 
 
 def _fused_forward(q, recv, k, v, out, lse, meta: CoreMeta):

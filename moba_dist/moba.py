@@ -79,7 +79,8 @@ def moba_attn_varlen(
     Memory: every transient buffer (gate tiles, gathered (query, head) rows and key segments,
     partial outputs, the fused kernel's float32 partial windows, gradient batches, the
     pure-PyTorch kernels' score tiles) is sized from one byte budget, by default the call's own
-    ``q + k + v + out`` bytes (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or
+    ``q + k + v + out`` bytes, a quarter of it when no gradient can be asked (``no_grad``:
+    prefill) (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or
     ``set_workspace_bytes`` fix it). Besides that: the selection (``T * Hq * (topk - 1)``
     int32, and its segment ids on the fused path), and, in backward, the gradients themselves
     (float32 ``dq`` on the varlen path, float32 key/value gradients on the fused path). The

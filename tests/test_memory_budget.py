@@ -168,3 +168,25 @@ def test_self_pieces_cover_the_parts_within_the_budget(part_len, budget):
     assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(pieces, pieces[1:]))
     for a, b, ta, tb in pieces:
         assert tb - ta == sum(part_len[a:b]) and b > a
+
+
+def test_forward_only_calls_plan_with_a_quarter_of_the_budget(monkeypatch):
+    """Prefill (no gradient can be asked): a quarter of the budget sizes the scratch; results are
+    still the reference's."""
+    from moba_dist.parallel.moba_cp import moba_plan
+
+    g = torch.Generator().manual_seed(5)
+    n = 3000
+    cu = torch.tensor([0, 1200, n], dtype=torch.int64)
+    q, k, v = (torch.randn(n, h, 64, dtype=torch.float64, generator=g) for h in (8, 2, 2))
+    offsets = torch.tensor([0, n])
+    full = memory.workspace_bytes(q, k, v)
+    with torch.no_grad():
+        meta, _, _ = moba_plan(q, k, v, cu, offsets, 64, 4, 0.125, None, None)
+        out = moba_attn_varlen(q, k, v, cu.to(torch.int32), 1800, 64, 4)
+    assert meta.workspace == max(memory.MIN_WORKSPACE, full // 4) < full
+    qg = q.clone().requires_grad_()
+    meta_g, _, _ = moba_plan(qg, k, v, cu, offsets, 64, 4, 0.125, None, None)
+    assert meta_g.workspace == full
+    ref = moba_attn_varlen_reference(q, k, v, cu.to(torch.int32), 64, 4)
+    assert (out - ref).abs().max() < 1e-12

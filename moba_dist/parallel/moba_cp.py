@@ -49,7 +49,7 @@ from ..core import (
 from ..device import to_device, to_host
 from ..gating import block_means, block_part_sums, gate_tile_elems, gate_tiles, select_blocks
 from ..kernels import accum_dtype, get_backend
-from ..memory import workspace_bytes
+from ..memory import MIN_WORKSPACE, workspace_bytes, workspace_override
 from ..settings import Settings
 from ..stats import MoBAStats, record
 from .balance import balanced_offsets, move_rows, should_balance
@@ -170,6 +170,10 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     if keep_fetched is None:
         keep_fetched = settings.keep_fetched
     budget = workspace_bytes(q, k, v)
+    if _forward_only(q, k, v) and workspace_override() is None:
+        # Prefill: the peak is the inputs and the output plus this scratch, set against an
+        # inference kernel's, which has almost none; a quarter of the training budget.
+        budget = max(MIN_WORKSPACE, budget // 4)
 
     # Gate: global block means, then each local query against its sequence's past blocks,
     # on work-balanced slices when the gate is heavy and the contiguous slices are uneven.
@@ -322,7 +326,6 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             workspace=budget,
             window_rows=window,
             self_pieces=self_pieces(lp.part_len, hq, d, budget),
-            forward_only=_forward_only(q, k, v),
         )
     row_bytes = 2 * d * k.element_size()
     other = layout.length - layout.overlap(offsets)[rank]
@@ -374,8 +377,7 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
         cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
         max_k_sel=layout.chunk, fetch=KVFetch(None, empty, [], [], k.dtype), softmax_scale=softmax_scale,
         backend=get_backend(q.device, q.dtype, d, backend), keep_fetched=keep_fetched, fused=fused,
-        overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces,
-        forward_only=_forward_only(q, k, v))
+        overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces)
 
 
 def _forward_only(q, k, v) -> bool:
