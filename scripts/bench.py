@@ -147,12 +147,16 @@ def reduce_max(vals, dev, world):
     return t.tolist()
 
 
-def profile_call(fn, xs, grad, path: str, dev):
+def profile_call(fn, xs, grad, path: str, dev, forward_only: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        fn(*xs).backward(grad)
+        if forward_only:
+            with torch.no_grad():
+                fn(*xs)
+        else:
+            fn(*xs).backward(grad)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
@@ -252,7 +256,7 @@ def main():
                     a.seqs * moba_flops(size, a.hq, a.d, chunk, topk), st.host_syncs, fetched)
                 if a.profile:
                     path = os.path.join(a.out_dir, f"profile_{chunk}_{topk}_r{rank}.txt")
-                    profile_call(fn, xs, grad, path, dev)
+                    profile_call(fn, xs, grad, path, dev, a.forward_only)
             except Exception as e:  # report and go on: one run should answer every row it can
                 if rank == 0:
                     print(f"moba {chunk}/{topk} at {total}: {type(e).__name__}: {e}", flush=True)

@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import moba_dist.hf
+    from moba_dist.hf import cache_kwargs
 
     moba_dist.hf.register()
     device = torch.device(args.device)
@@ -68,10 +69,11 @@ def main(argv=None) -> dict:
 
     with torch.no_grad():
         cache = moba_dist.hf.MoBACache(model.config, max_cache_len=args.prompt + args.steps)
+        ck = cache_kwargs(model, cache)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **ck, logits_to_keep=1)
         sync()
         prefill_s = time.perf_counter() - t0
         tokens, logits = [], []
@@ -82,7 +84,7 @@ def main(argv=None) -> dict:
             tokens.append(last.argmax(-1))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
-            out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, cache=cache)
+            out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, **ck)
         sync()
         decode_s = (time.perf_counter() - t0) / args.steps
         rows_report = []

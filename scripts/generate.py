@@ -103,15 +103,16 @@ def answer_by_generation(model, ids: torch.Tensor, n_queries: int) -> torch.Tens
     """Greedy answers ``[B, n_queries]`` to the queries at the end of same-length sequences
     ``ids [B, L]``: prefill through the first queried key, then feed back each answer followed by
     the next queried key (two tokens into the cache per query)."""
-    from moba_dist.hf import MoBACache
+    from moba_dist.hf import MoBACache, cache_kwargs
 
     q0 = ids.shape[1] - 2 * n_queries  # first queried key (train_data.RetrievalTask.sequence)
     cache = MoBACache(model.config, max_cache_len=ids.shape[1])
-    logits = model(input_ids=ids[:, :q0 + 1], cache=cache, logits_to_keep=1).logits[:, -1]
+    ck = cache_kwargs(model, cache)  # cache= or past_key_values=, as the transformers in use
+    logits = model(input_ids=ids[:, :q0 + 1], **ck, logits_to_keep=1).logits[:, -1]
     answers = [logits.argmax(-1)]
     for i in range(1, n_queries):
         step = torch.stack([answers[-1], ids[:, q0 + 2 * i]], 1)
-        logits = model(input_ids=step, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=step, **ck, logits_to_keep=1).logits[:, -1]
         answers.append(logits.argmax(-1))
     return torch.stack(answers, 1)
 

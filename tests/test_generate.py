@@ -281,3 +281,31 @@ def test_chunked_prefill_and_inference_mode():
     with torch.no_grad():
         out = model(input_ids=prompt[None], cache=MoBACache(model.config))
     assert out.logits.grad_fn is None
+
+
+def test_cache_kwargs_follows_the_forward_signature():
+    """``cache=`` where the installed transformers' forward takes it, else ``past_key_values=``
+    (an older release would pass ``cache=`` on unused and decode without context)."""
+    model = make_model()
+    cache = MoBACache(model.config)
+    import inspect
+
+    want = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert moba_dist.hf.cache_kwargs(model, cache) == {want: cache}
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    assert moba_dist.hf.cache_kwargs(Old(), cache) == {"past_key_values": cache}
+
+
+def test_cache_keyword_passed_on_unused_is_refused():
+    """What an older transformers does with ``cache=``: it reaches the attention function in
+    ``**kwargs`` with keys that no cache has seen; that must raise, not decode without context."""
+    model = make_model()
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16, dtype=torch.float64)
+    kv = torch.randn(1, 2, 3, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="past_key_values"):
+        hf_attention.moba_dist_attention(attn, q, kv, kv, None, cache=MoBACache(model.config))

@@ -14,7 +14,11 @@ sharding of a batch with its loss.
 Generation (one process): pass the cache explicitly, ``generate()`` would build a DynamicCache::
 
     out = model.generate(ids, attention_mask=mask, max_new_tokens=32,
-                         cache=moba_dist.hf.MoBACache(model.config))
+                         **moba_dist.hf.cache_kwargs(model, moba_dist.hf.MoBACache(model.config)))
+
+(:func:`cache_kwargs` names the argument as the installed transformers does: ``cache=`` from 5.2x,
+``past_key_values=`` before; an older transformers would take ``cache=`` silently into its
+``**kwargs`` and decode without context.)
 
 :class:`MoBACache` stores each row's real tokens (left padding is neither stored nor
 attended) and the float64 block key sums of the MoBA layers; prefill runs ``moba_attn_varlen``
@@ -50,6 +54,17 @@ from .packing import cu_seqlens_from_position_ids, shift_labels, slice_offsets
 ATTN_IMPLEMENTATION = "moba_dist"
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``, ``name`` the cache argument
+    of this model's ``forward`` in the installed transformers: ``"cache"`` (newer 5.x releases)
+    or ``"past_key_values"`` (earlier ones, where a ``cache=`` keyword would be passed on
+    unused)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 def __getattr__(name: str):
     # MoBACache subclasses transformers' Cache: imported on first use, so that importing this
     # package still does not import transformers.
@@ -77,6 +92,7 @@ __all__ = [
     "MoBACacheLayer",
     "PaddingMask",
     "active_context",
+    "cache_kwargs",
     "context_parallel",
     "cu_seqlens_from_position_ids",
     "moba_config",

@@ -137,6 +137,11 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                                       "is not wired into the HF integration yet")
         return _cached_attention(layer, moba_config(config), layer_idx, query, key, value, attention_mask,
                                  scaling), None
+    if kwargs.get("cache") is not None:
+        # A transformers whose forward names the cache past_key_values passes cache= down
+        # unused: the keys are only this call's, and decoding would silently lose the context.
+        raise ValueError("cache: this transformers version takes the cache as past_key_values=; pass "
+                         "**moba_dist.hf.cache_kwargs(model, cache)")
 
     compiling = torch.compiler.is_compiling()
     valid = None

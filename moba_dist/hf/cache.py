@@ -1,13 +1,15 @@
 """``MoBACache``: the KV cache of ``attn_implementation="moba_dist"`` for HF ``generate()``.
 
     cache = moba_dist.hf.MoBACache(model.config)
-    out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32,
+                         **moba_dist.hf.cache_kwargs(model, cache))
 
 ``generate()`` does not pick this cache by itself: it builds a ``DynamicCache`` unless one is
 passed, and transformers 5 has no hook for an attention implementation to choose its own cache
-class. Pass ``cache=MoBACache(model.config)`` (the older name ``past_key_values=`` works as well
-until transformers removes it). A ``DynamicCache`` with ``"moba_dist"`` raises at the first
-decode step with a message saying so.
+class. Pass ``cache=MoBACache(model.config)`` (transformers releases whose ``forward`` names it
+``past_key_values`` take that name, and would pass ``cache=`` on unused: the "moba_dist" attention
+raises then; :func:`moba_dist.hf.cache_kwargs` picks the name). A ``DynamicCache`` with
+``"moba_dist"`` raises at the first decode step with a message saying so.
 
 Layout, per layer (:class:`MoBACacheLayer`):
 
