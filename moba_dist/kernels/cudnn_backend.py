@@ -53,8 +53,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..memory import kernel_workspace
-
 _HALF = (torch.float16, torch.bfloat16)
 VARIANT_ENV = "MOBA_DIST_CUDNN_VARIANT"
 GQA_BWD_ENV = "MOBA_DIST_CUDNN_GQA_BWD"  # "fa2" (default): GQA backward on FlashAttention-2; "cudnn"
@@ -428,15 +426,6 @@ def _on(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _head_parts(need: int, budget: int, hkv: int) -> int:
-    """The fewest kv-head groups (a divisor of ``hkv``) whose share of a ``need``-byte workspace
-    fits ``budget`` (all ``hkv`` when none does)."""
-    for parts in range(1, hkv + 1):
-        if hkv % parts == 0 and need <= budget * parts:
-            return parts
-    return hkv
-
-
 def _prep(x: torch.Tensor) -> torch.Tensor:
     """Contiguous with a 16-byte aligned base, as cuDNN's descriptors need (a contiguous view with
     an odd storage offset is copied too)."""
@@ -682,7 +671,7 @@ class CudnnBackend:
                               max_seqlen_k, softmax_scale, causal)
 
     def _backward(self, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, softmax_scale, causal, split: bool = True):
+                  max_seqlen_k, softmax_scale, causal):
         tq, hq, d = q.shape
         tk, hkv = k.shape[0], k.shape[1]
         n_seg = cu_seqlens_q.numel() - 1
@@ -709,20 +698,6 @@ class CudnnBackend:
         if plan is None:
             return self._fallback().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, softmax_scale, causal)
-        parts = _head_parts(plan.workspace, kernel_workspace(q, k, v), hkv) if split else 1
-        if parts > 1:
-            # cuDNN's backward workspace (float32 dQ, and dK/dV per q head under GQA) grows
-            # with the heads: past the byte budget, kv-head groups run one after another.
-            del plan
-            step, group = hkv // parts, hq // hkv
-            for a in range(0, hkv, step):
-                qs, ks = slice(a * group, (a + step) * group), slice(a, a + step)
-                dq_p, dk_p, dv_p = self._backward(
-                    dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[qs], cu_seqlens_q,
-                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, split=False)
-                dq[:, qs], dk[:, ks], dv[:, ks] = dq_p, dk_p, dv_p
-                del dq_p, dk_p, dv_p
-            return dq, dk, dv
         meta = ragged_metadata(cu_seqlens_q, cu_seqlens_k, cls.batch, hq, hkv, d, causal)
         lse_rows = torch.empty(tq, hq, dtype=torch.float32, device=q.device).copy_(lse.t())
         # Rows cuDNN is given always see a key, so their LSE is finite; a -inf there could only
