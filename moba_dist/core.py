@@ -176,6 +176,10 @@ class CoreMeta:
     # Host (first part, end part, first token, end token) of each piece the self part's backward
     # runs in (see self_pieces); empty: one call.
     self_pieces: tuple[tuple[int, int, int, int], ...] = ()
+    # Set: backward rebuilds ``pair_row`` as ``pair_rebuild(pair_sel)`` (``pair_sel``: the gate's
+    # selection in int16, kept instead of the int32 rows; see parallel/moba_cp.PairRows).
+    pair_sel: torch.Tensor | None = None
+    pair_rebuild: object | None = None
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -332,6 +336,8 @@ class MoBACore(torch.autograd.Function):
         # The plan's index tensors go through save_for_backward like the activations, so that
         # activation checkpointing drops them with the rest (and recomputes them) instead of
         # keeping every layer's plan alive until its backward.
+        if meta.pair_sel is not None:
+            meta = replace(meta, pair_row=None)  # rebuilt from pair_sel in backward
         plan, ctx.meta = split_plan(meta)
         kept = (recv,) if meta.keep_fetched else ()
         ctx.n_kept = len(kept)
@@ -343,11 +349,13 @@ class MoBACore(torch.autograd.Function):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         kept, plan = rest[:ctx.n_kept], rest[ctx.n_kept:]
         meta = join_plan(plan, ctx.meta)
+        if meta.pair_sel is not None:
+            meta = replace(meta, pair_row=meta.pair_rebuild(meta.pair_sel), pair_sel=None)
         dq, dk, dv = core_backward(dout, q, k, v, out, lse, meta, kept[0] if kept else None)
         return dq, dk, dv, None
 
 
-_PLAN_FIELDS = ("cu_self", "pair_row", "seg_index")
+_PLAN_FIELDS = ("cu_self", "pair_row", "seg_index", "pair_sel")
 _FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset", "head_offset")
 
 

@@ -190,3 +190,36 @@ def test_forward_only_calls_plan_with_a_quarter_of_the_budget(monkeypatch):
     assert meta_g.workspace == full
     ref = moba_attn_varlen_reference(q, k, v, cu.to(torch.int32), 64, 4)
     assert (out - ref).abs().max() < 1e-12
+
+
+def test_backward_keeps_the_selection_in_int16_not_the_pair_rows(monkeypatch):
+    """The varlen path keeps the gate's selection in int16 for backward (half the bytes of the
+    int32 pair rows, ``T x Hq x (topk - 1)`` at most) and rebuilds the pair rows from it; the
+    gradients equal the float64 reference, also with the query windows and the causal-prefix
+    pairs of a mid-sequence slice start."""
+    g = torch.Generator().manual_seed(11)
+    cu = make_cu([150, 97])
+    n, hq, kk = 247, 4, 3
+    q, k, v = (torch.randn(n, h, 8, dtype=torch.float64, generator=g, requires_grad=True) for h in (hq, 2, 2))
+    go = torch.randn(n, hq, 8, dtype=torch.float64, generator=g)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    for budget in (1 << 12, None):  # many query windows, then one
+        packed.clear()
+        monkeypatch.setattr(memory, "_override", budget)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = moba_attn_varlen(q, k, v, cu, 150, 16, kk + 1)
+        ints = [t for t in packed if not t.is_floating_point()]
+        assert [t.shape for t in ints if t.dtype == torch.int16] == [torch.Size([n, hq, kk])]
+        # (query, head) pairs: each token selects min(topk - 1, its complete past blocks).
+        pairs = hq * sum(min(kk, p // 16) for length in (150, 97) for p in range(length))
+        assert not [t for t in ints if t.numel() == pairs and t.dtype != torch.int16], \
+            "pair rows saved for backward"
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        ref = moba_attn_varlen_reference(q, k, v, cu, 16, kk + 1)
+        for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), go)):
+            assert (a - b).abs().max() < 1e-12

@@ -135,9 +135,10 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
     """MoBA output of the local slice. ``cu_seqlens``/``offsets`` are host int64 tensors, already
     brought to the host by the caller (host sync A: this call's, or, with ``plan`` (a
     :class:`~moba_dist.parallel.step.StepPlan`), the step's, counted there)."""
-    meta, _, stats = moba_plan(q, k, v, cu_seqlens, offsets, chunk, topk, softmax_scale, comm, backend,
-                               keep_fetched, host_syncs=0 if plan is not None else 1,
-                               settings=plan.settings if plan is not None else None)
+    meta, sel, stats = moba_plan(q, k, v, cu_seqlens, offsets, chunk, topk, softmax_scale, comm, backend,
+                                 keep_fetched, host_syncs=0 if plan is not None else 1,
+                                 settings=plan.settings if plan is not None else None)
+    del sel  # the gate's selection: not alive through the attention (the plan holds what it needs)
     out = MoBACore.apply(q, k, v, meta)
     stats.bytes_sent = comm.sent if comm else {}
     stats.bytes_received = comm.received if comm else {}
@@ -195,6 +196,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         return _static_fused_meta(q, k, v, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
                                   stats), sel, stats
     acc_elem = accum_dtype(q.dtype).itemsize
+    pair_sel = None
     window = n if fused else row_window(budget, n, hq, d, chunk, acc_elem)
     nwin = max(1, -(-n // max(window, 1)))
     with record_function("moba.counts"):
@@ -233,12 +235,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         seg_win = hit[:, 1]
         seg_base = seg_id[hit[:, 0] * nblk + hit[:, 2]]
         base_len = fp.seg_len
-        if not fused:
-            pair_row = _pair_rows(sel, wc.sum(2), group, nblk, window if nwin > 1 else 0)
+        first_part = int(lp.part_len[0]) if lp.prefix_len else 0
         if lp.prefix_len:
-            first_part = int(lp.part_len[0])
-            if not fused:
-                pair_row = torch.cat([pair_row, _prefix_pairs(first_part, hq, hkv, dev).to(torch.int32)])
             seg_counts = torch.cat([seg_counts, torch.full((hkv,), first_part * group)])
             seg_win = torch.cat([seg_win, torch.zeros(hkv, dtype=torch.int64)])
             seg_base = torch.cat([seg_base, n_sel_seg + torch.arange(hkv)])
@@ -303,7 +301,13 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
             runs, (pair_start, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
-            pair_row = pair_row[expand_ranges(pair_start, counts_dev, pair_row.numel())]
+            rebuild = PairRows(wc.sum(2), group, nblk, window if nwin > 1 else 0, first_part, pair_start,
+                               counts_dev)
+            pair_row = rebuild(sel)
+            if nblk < 2**15 and not _forward_only(q, k, v):
+                # Backward rebuilds the pair rows from the selection in int16 (half the bytes
+                # of the int32 rows it would otherwise keep; the sorts cost a few ms).
+                pair_sel = sel.to(torch.int16)
             batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
@@ -314,6 +318,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
             pair_row=None if fused else pair_row,
+            pair_sel=pair_sel,
+            pair_rebuild=rebuild if pair_sel is not None else None,
             seg_index=seg_index,
             sel_batches=batches,
             max_k_sel=chunk,
@@ -398,6 +404,27 @@ def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 
     return key.flatten()
 
 
+class PairRows:
+    """The varlen path's pair rows (``CoreMeta.pair_row``) from the gate's selection: the
+    selected pairs by (kv head, window, block) (:func:`_pair_rows`), then the causal prefix's
+    pairs, then reordered into the plan's segment order (``pair_start, counts``: device, one per
+    segment). Host sizes and small tables only, so backward can call it again on a kept
+    (int16) copy of the selection and get the same rows."""
+
+    def __init__(self, win_pairs: torch.Tensor, group: int, nblk: int, window: int, first_part: int,
+                 pair_start: torch.Tensor, counts: torch.Tensor):
+        self.win_pairs, self.group, self.nblk, self.window = win_pairs, group, nblk, window
+        self.first_part, self.pair_start, self.counts = first_part, pair_start, counts
+
+    def __call__(self, sel: torch.Tensor) -> torch.Tensor:
+        n, hq, _ = sel.shape
+        rows = _pair_rows(sel, self.win_pairs, self.group, self.nblk, self.window)
+        if self.first_part:
+            hkv = hq // self.group
+            rows = torch.cat([rows, _prefix_pairs(self.first_part, hq, hkv, sel.device).to(torch.int32)])
+        return rows[expand_ranges(self.pair_start, self.counts, rows.numel())]
+
+
 def _pair_rows(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int,
                window: int = 0) -> torch.Tensor:
     """Flat rows ``t * Hq + h`` of every selected (query, head) pair, int32, ordered by (kv head,
@@ -435,4 +462,4 @@ def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int,
         return move_rows(sel_g, balanced, offsets, comm, "gate_balance.back")
 
 
-__all__ = ["moba_pipeline", "moba_plan"]
+__all__ = ["PairRows", "moba_pipeline", "moba_plan"]
