@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.profiler import record_function
 
-from .kernels import AttnBackend, LSEAccumulator, accum_dtype, index_add_rows
+from .kernels import AttnBackend, accum_dtype, index_add_rows, merge_slots
 from .memory import workspace_limit
 from .parallel.comm import Comm
 from .settings import SELECTED_ENV, Settings
@@ -161,7 +161,9 @@ class CoreMeta:
 
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
-    pair_row: torch.Tensor | None  # [pairs] int32 flat ``t * Hq + h`` row of each selected pair, by segment
+    # [pairs] int32 ``(t * Hq + h) * pair_slots + slot`` of each selected pair, by segment: its
+    # row ``t * Hq + h`` and the slot its partial result takes in the window's merge
+    pair_row: torch.Tensor | None
     seg_index: torch.Tensor  # int32 [rows] pool rows of every key segment, in segment order
     sel_batches: list[SelBatch]
     max_k_sel: int
@@ -180,6 +182,7 @@ class CoreMeta:
     # selection in int16, kept instead of the int32 rows; see parallel/moba_cp.PairRows).
     pair_sel: torch.Tensor | None = None
     pair_rebuild: object | None = None
+    pair_slots: int = 1  # partial results per row: topk - 1, plus one for a causal prefix
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -228,22 +231,21 @@ def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pa
     return batches
 
 
-def window_bytes(window: int, hq: int, head_dim: int, acc_elem: int = 4, in_place: bool = False) -> int:
-    """Bytes of the accumulators (``acc_elem`` bytes per value: float32, float64 for float64
-    inputs) of one query window (``window`` tokens x ``hq`` heads): forward, the merged output
-    and its max, normalizer and rescale vectors; backward, ``dq`` (smaller). ``in_place``: the
-    inputs are in the accumulation dtype, so the output and ``dq`` accumulate in the self part's
-    own tensors and only the vectors are extra. See :func:`row_window`."""
-    return window * hq * acc_elem * (4 if in_place else head_dim + 4)
+def window_bytes(window: int, hq: int, head_dim: int, slots: int, elem: int, acc_elem: int = 4) -> int:
+    """Bytes of one query window's (``window`` tokens x ``hq`` heads) merge buffers on the varlen
+    path: forward, each row's ``slots`` partial outputs in the input dtype (``elem`` bytes) and
+    their LSEs (``acc_elem``); backward, the window's ``dq`` in the accumulation dtype (no more
+    than the forward's once ``slots >= 2``). See :func:`row_window`."""
+    return window * hq * max(slots * (head_dim * elem + acc_elem), head_dim * acc_elem)
 
 
-def row_window(budget: int, n: int, hq: int, head_dim: int, chunk: int, acc_elem: int = 4) -> int:
+def row_window(budget: int, n: int, hq: int, head_dim: int, chunk: int, slots: int, elem: int,
+               acc_elem: int = 4) -> int:
     """Tokens per query window of the varlen selected part: the pairs are planned window by
-    window, and the float32 accumulators (forward: the LSE merge; backward: ``dq``) exist for one
-    window's rows at a time, a quarter of the workspace budget, never ``[n, Hq, D]`` in float32
-    at once. At least one block (``chunk``), so a causal prefix's queries share a window; at most
-    ``n`` (one window)."""
-    per_token = window_bytes(1, hq, head_dim, acc_elem)
+    window, and the merge buffers (forward: every row's slot partials; backward: ``dq``) exist
+    for one window's rows at a time, a quarter of the workspace budget. At least one block
+    (``chunk``), so a causal prefix's queries share a window; at most ``n`` (one window)."""
+    per_token = window_bytes(1, hq, head_dim, slots, elem, acc_elem)
     return max(min(chunk, max(n, 1)), min(max(n, 1), (budget // 4) // per_token))
 
 
@@ -491,27 +493,30 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         return _fused_forward(q, recv, k, v, out, lse, meta)
     if not meta.sel_batches:
         return out, lse
-    n, hq, _ = q.shape
-    # The self part's output is final outside the selected rows and is overwritten in place
-    # inside them (a window's merged rows are written over it).
-    out_rows, lse_rows = _flat(out), lse.t().reshape(-1)
+    n, hq, d = q.shape
+    slots = meta.pair_slots
+    out, lse = out.contiguous(), lse.contiguous()
     for w, batches in _by_window(meta):
-        # The window's rows are final after its batches: accumulate them alone in float32.
+        # Each (row, slot) pair's partial result lands in its slot of the window's buffers (one
+        # write per pair, no accumulation), then one pass merges every row of the window with
+        # its own block's result, over ``out, lse`` in place.
         r0, r1 = _window_range(w, meta.window_rows, n, hq)
-        # (In place when the output already is float32/float64: no copy of the window's rows.)
-        merged = LSEAccumulator(out_rows[r0:r1], lse_rows[r0:r1], in_place=True)
+        part_out = q.new_empty((r1 - r0) * slots, d)
+        part_lse = lse.new_full(((r1 - r0) * slots,), float("-inf"))
         for b in batches:
-            rows = meta.pair_row[b.pairs].long()
+            ids = meta.pair_row[b.pairs].long()
             k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
             with workspace_limit(kernel_share(meta.workspace)):
-                o_sel, lse_sel = meta.backend.forward(_pick(q, rows), k_b, v_b, b.cu_q, b.cu_k, b.max_q,
-                                                      meta.max_k_sel, meta.softmax_scale, False)
+                o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), k_b, v_b, b.cu_q, b.cu_k,
+                                                      b.max_q, meta.max_k_sel, meta.softmax_scale, False)
             del k_b, v_b
-            merged.add(o_sel[:, 0], lse_sel[0], rows - r0)
-            del rows, o_sel, lse_sel  # before the next batch's buffers are made
-        _, lse_rows[r0:r1] = merged.result(out=out_rows[r0:r1])
-        del merged
-    return out_rows.view(n, hq, -1).to(q.dtype), lse_rows.view(n, hq).t().contiguous()
+            ids -= r0 * slots
+            part_out.index_copy_(0, ids, o_sel[:, 0].to(part_out.dtype))
+            part_lse.index_copy_(0, ids, lse_sel[0].to(part_lse.dtype))
+            del ids, o_sel, lse_sel  # before the next batch's buffers are made
+        merge_slots(part_out, part_lse, slots, out, lse, r0 // hq)
+        del part_out, part_lse
+    return out.to(q.dtype), lse
 
 
 def _by_window(meta: CoreMeta):
@@ -560,7 +565,7 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
             # (In place when dq already is in the accumulation dtype.)
             dq_w = dq_rows[r0:r1].to(acc)
             for b in batches:
-                rows = meta.pair_row[b.pairs].long()
+                rows = meta.pair_row[b.pairs].long() // meta.pair_slots
                 idx = meta.seg_index[b.rows]
                 k_b, v_b = _segment_kv(recv, k, v, idx)
                 with workspace_limit(kernel_share(meta.workspace)):

@@ -142,13 +142,13 @@ def test_query_windows_bound_the_float32_accumulators(budget, monkeypatch):
     cu = torch.tensor([0, 120, 300], dtype=torch.int64)
     meta, _, _ = moba_plan(q, k, v, cu, torch.tensor([0, n]), chunk, topk, d ** -0.5, None, None)
     window, spent = meta.window_rows, memory.workspace_bytes(q, k, v)
-    assert window == chunk or window_bytes(window, hq, d) <= spent // 4
+    assert window == chunk or window_bytes(window, hq, d, topk - 1, 4) <= spent // 4
     seen = [b.window for b in meta.sel_batches]
     assert seen == sorted(seen) and len(meta.sel_batches) > 0
     if budget == 1 << 14:
         assert len(set(seen)) > 1
     for b in meta.sel_batches:
-        tokens = meta.pair_row[b.pairs].long() // hq
+        tokens = meta.pair_row[b.pairs].long() // (hq * meta.pair_slots)
         assert ((tokens // window) == b.window).all()
 
 

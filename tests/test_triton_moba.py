@@ -212,6 +212,26 @@ def test_empty_and_argument_errors():
         tm.selected_attn_fwd(*to_dev(q, kp, vp, ss, sl, sel), 0)
 
 
+def test_merge_slots_kernel_equals_the_torch_merge():
+    """kernels.merge_slots through the Triton kernel (what CUDA runs) equals its PyTorch twin,
+    empty slots (NaN garbage behind lse = -inf) unread, rows outside the window untouched."""
+    from moba_dist.kernels import merge_slots
+
+    g = torch.Generator().manual_seed(5)
+    n, hq, d, slots, t0, w = 13, 4, 24, 3, 5, 6
+    out = torch.randn(n, hq, d, generator=g)
+    lse = torch.randn(hq, n, generator=g) * 3
+    plse = torch.randn(w * hq * slots, generator=g) * 3
+    plse[torch.rand(plse.shape, generator=g) < 0.3] = float("-inf")
+    pout = torch.randn(w * hq * slots, d, generator=g)
+    pout[torch.isinf(plse)] = float("nan")
+    got_o, got_l, want_o, want_l = out.clone(), lse.clone(), out.clone(), lse.clone()
+    merge_slots(pout, plse, slots, got_o, got_l, t0, impl="triton")
+    merge_slots(pout, plse, slots, want_o, want_l, t0, impl="torch")
+    assert (got_o - want_o).abs().max() < 1e-5 and (got_l - want_l).abs().max() < 1e-5
+    assert torch.equal(got_o[:t0], out[:t0]) and torch.equal(got_o[t0 + w:], out[t0 + w:])
+
+
 # --- GPU -------------------------------------------------------------------------------------------
 
 

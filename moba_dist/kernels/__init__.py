@@ -30,7 +30,7 @@ import torch
 from .base import AttnBackend, accum_dtype
 from .cuda_backends import AtenFlashBackend, FlashAttnBackend
 from .cudnn_backend import CudnnBackend
-from .merge import LSEAccumulator, merge_lse
+from .merge import merge_lse, merge_slots
 from .reduce import deterministic_mode, index_add_rows
 from .torch_backend import TorchBackend, default_scale
 
@@ -157,7 +157,6 @@ def varlen_attn_with_lse(
 
 __all__ = [
     "AttnBackend",
-    "LSEAccumulator",
     "accum_dtype",
     "available_backends",
     "backend_installed",
@@ -166,5 +165,6 @@ __all__ = [
     "get_backend",
     "index_add_rows",
     "merge_lse",
+    "merge_slots",
     "varlen_attn_with_lse",
 ]

@@ -3,8 +3,12 @@
 A row's softmax over a union of disjoint key sets equals the LSE-weighted sum of the softmaxes
 over each set: with ``lse = log(sum_p exp(lse_p))``, ``out = sum_p exp(lse_p - lse) * out_p``.
 
-Deterministic: the row-wise maximum is order-free, and the weighted sums over parts that share a
-row go through :func:`moba_dist.kernels.reduce.index_add_rows` (a sort-based segment sum under
+:func:`merge_lse` merges parts named by row index (the ring's steps); :func:`merge_slots` merges
+a window of rows whose parts sit in fixed slots (MoBA's selected blocks), in one pass.
+
+Deterministic: the row-wise maximum is order-free, slots are summed in slot order, and the
+weighted sums over parts that share a row in :func:`merge_lse` go through
+:func:`moba_dist.kernels.reduce.index_add_rows` (a sort-based segment sum under
 ``torch.use_deterministic_algorithms(True)``).
 """
 
@@ -59,65 +63,56 @@ def merge_lse(
     return merged / safe[:, None], m + torch.log(denom)
 
 
-class LSEAccumulator:
-    """Merge many partial results into ``R`` rows, touching only the rows each part names.
+def merge_slots(part_out: torch.Tensor, part_lse: torch.Tensor, slots: int, out: torch.Tensor,
+                lse: torch.Tensor, t0: int, impl: str = "auto") -> None:
+    """Merge per-slot partial results into a window of rows of ``(out, lse)``, in place.
 
-    :func:`merge_lse` with an index rescales and rewrites all ``R`` rows per call; merging the
-    selected part of MoBA batch by batch that way costs several passes over ``[R, D]`` per batch.
-    Here a row keeps an unnormalized sum ``acc`` relative to its running maximum ``m`` plus the
-    normalizer ``l``, so a batch of ``P`` parts costs ``O(P * D)`` plus a few ``O(R)`` vector
-    passes: ``m`` grows by a row-wise (order-free) max, rows of the batch are rescaled by
-    ``exp(m_old - m_new)`` (a row named twice is written twice with the same value), then the
-    parts are added with :func:`index_add_rows` (deterministic under
-    ``torch.use_deterministic_algorithms(True)``).
+    A window is tokens ``[t0, t0 + W)`` of ``out [n, Hq, D]`` (the first part of every row: the
+    own block's result) and ``lse [Hq, n]`` (float32, or float64 for float64). ``part_out
+    [W * Hq * slots, D]`` (any float dtype) and ``part_lse [W * Hq * slots]`` hold slot ``s`` of
+    row ``(t - t0) * Hq + h`` at ``((t - t0) * Hq + h) * slots + s``; a slot with ``lse = -inf``
+    is empty and its ``part_out`` is not read (it may be uninitialized). Each row's parts are
+    combined in one pass, in the accumulation dtype, and written over its ``out`` and ``lse``
+    rows (rounded once to ``out``'s dtype). NaN anywhere in a row's parts gives NaN there.
 
-    Args:
-        out: ``[R, D]`` a first partial output of every row (any float dtype).
-        lse: ``[R]`` its log-sum-exp (``-inf``: the row saw no key yet).
-        in_place: when ``out`` is already in the accumulation dtype, accumulate in it (it is
-            overwritten; no ``[R, D]`` copy) instead of in a copy.
-
-    Memory: one ``[R, D]`` accumulator in the accumulation dtype (none beyond ``out`` with
-    ``in_place``) and three ``[R]`` vectors; :meth:`result` normalizes in place and can write
-    into a given output, so no second ``[R, D]`` float32 tensor exists at any time.
+    ``impl``: ``"auto"`` (CUDA: one Triton kernel, ``triton_moba._merge_kernel``, shared with
+    the fused path; other devices: PyTorch, one slot at a time, scratch ``[W * Hq, D]``),
+    ``"triton"`` or ``"torch"`` (the Triton kernel needs contiguous ``out`` and float32 ``lse``).
     """
+    n, hq, d = out.shape
+    rows = part_lse.numel() // max(slots, 1)
+    w = rows // hq
+    if rows == 0:
+        return
+    if impl == "auto":
+        fits = out.is_contiguous() and lse.is_contiguous() and lse.dtype == torch.float32
+        impl = "triton" if out.is_cuda and fits else "torch"
+    if impl == "triton":
+        import triton
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, in_place: bool = False):
-        self.dtype = accum_dtype(out.dtype)
-        self.m = lse.to(self.dtype, copy=True)
-        # -inf: the row saw no key. NaN is "seen" (its output stays NaN: NaN in, NaN out).
-        seen = self.m != float("-inf")
-        self.l = seen.to(self.dtype)
-        copy = not (in_place and out.dtype == self.dtype)
-        self.acc = out.to(self.dtype, copy=copy).masked_fill_(~seen[:, None], 0)
+        from .triton_moba import _merge_kernel, _next_pow2
 
-    def add(self, part_out: torch.Tensor, part_lse: torch.Tensor, index: torch.Tensor) -> None:
-        """Merge ``part_out [P, D]`` with log-sum-exp ``part_lse [P]`` into rows ``index [P]``."""
-        part_lse = part_lse.to(self.dtype)
-        m_new = self.m.scatter_reduce(0, index, part_lse, reduce="amax", include_self=True)
-        shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        scale = torch.exp(self.m - shift)  # 0 where the row had seen nothing, 1 where m is unchanged
-        self.acc[index] = self.acc[index] * scale[index, None]
-        self.l = self.l * scale
-        wp = torch.exp(part_lse - shift[index])
-        index_add_rows(self.acc, index, part_out.to(self.dtype) * wp[:, None])
-        index_add_rows(self.l, index, wp)
-        self.m = m_new
+        dp = max(16, _next_pow2(d))
+        _merge_kernel[(triton.cdiv(rows, 16),)](
+            part_out, part_lse, out, lse, out, lse, rows, n, t0 * hq, d,
+            HQ=hq, S=slots, SP=_next_pow2(slots), D=d, DP=dp, BLOCK_R=16, HAS_SELF=True, num_warps=8)
+        return
+    acc = accum_dtype(out.dtype)
+    o_self = out[t0:t0 + w].reshape(rows, d)
+    l_self = lse[:, t0:t0 + w].t().reshape(rows).to(acc)
+    pl = part_lse.view(rows, slots).to(acc)
+    m = torch.maximum(pl.max(1).values, l_self) if slots else l_self
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    w_self = torch.exp(l_self - m)
+    denom = w_self.clone()
+    merged = o_self.to(acc) * w_self[:, None]
+    parts = part_out.view(rows, slots, d)
+    for s in range(slots):
+        ws = torch.exp(pl[:, s] - m)
+        seen = (pl[:, s] != float("-inf"))[:, None]
+        merged += torch.where(seen, parts[:, s].to(acc), 0) * ws[:, None]
+        denom += ws
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    o_self.copy_(merged.div_(safe[:, None]))
+    lse[:, t0:t0 + w] = (m + torch.log(denom)).view(w, hq).t().to(lse.dtype)
 
-    def result(self, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out [R, D], lse [R])``; rows that saw no key: 0, -inf. ``out`` (any float dtype,
-        ``[R, D]``): written in place and returned; ``None``: the accumulation dtype. Ends the
-        accumulator (its buffer is normalized in place)."""
-        safe = torch.where(self.l > 0, self.l, torch.ones_like(self.l))
-        shift = torch.where(torch.isinf(self.m), torch.zeros_like(self.m), self.m)
-        acc = self.acc.div_(safe[:, None])
-        self.acc = None
-        if out is not None and not _same_view(out, acc):
-            acc = out.copy_(acc)
-        return acc, shift + torch.log(self.l)
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` are the same elements of the same memory (an in-place result)."""
-    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
-            and a.stride() == b.stride())

@@ -197,7 +197,10 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
                                   stats), sel, stats
     acc_elem = accum_dtype(q.dtype).itemsize
     pair_sel = None
-    window = n if fused else row_window(budget, n, hq, d, chunk, acc_elem)
+    # Partial results per row in the varlen path's merge: one per selected block, one more for
+    # the causal prefix of the slice's first block (context parallel).
+    slots = kk + (1 if lp.prefix_len else 0)
+    window = n if fused else row_window(budget, n, hq, d, chunk, slots, q.element_size(), acc_elem)
     nwin = max(1, -(-n // max(window, 1)))
     with record_function("moba.counts"):
         counts = torch.zeros(nwin, hkv, nblk, dtype=torch.int64, device=dev)
@@ -289,20 +292,20 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             fused = FusedSel(sel_seg, runs[2] if in_place else seg_start, seg_len_dev.to(torch.int32),
                              num_rows, chunk, in_place=in_place, grad_start=seg_start)
         else:
-            # A quarter of the budget for the window's accumulators (more only when one block's
-            # rows need it; nothing but vectors when they are the outputs themselves), a quarter
-            # for the kernel's tiles (core.kernel_share), the batches at most half.
-            acc_is_out = accum_dtype(q.dtype) == q.dtype  # the accumulators are the outputs
+            # A quarter of the budget for the window's merge buffers (more only when one block's
+            # rows need it), a quarter for the kernel's tiles (core.kernel_share), the batches at
+            # most half.
             batch_budget = max(budget // 4, min(budget // 2, budget - kernel_share(budget)
-                                                - window_bytes(window, hq, d, acc_elem, acc_is_out)))
+                                                - window_bytes(window, hq, d, slots, q.element_size(),
+                                                               acc_elem)))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
             host = runs + [pair_start[order], seg_counts]
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
             runs, (pair_start, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
-            rebuild = PairRows(wc.sum(2), group, nblk, window if nwin > 1 else 0, first_part, pair_start,
-                               counts_dev)
+            rebuild = PairRows(wc.sum(2), group, nblk, window if nwin > 1 else 0, first_part, slots,
+                               pair_start, counts_dev)
             pair_row = rebuild(sel)
             if nblk < 2**15 and not _forward_only(q, k, v):
                 # Backward rebuilds the pair rows from the selection in int16 (half the bytes
@@ -320,6 +323,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             pair_row=None if fused else pair_row,
             pair_sel=pair_sel,
             pair_rebuild=rebuild if pair_sel is not None else None,
+            pair_slots=slots,
             seg_index=seg_index,
             sel_batches=batches,
             max_k_sel=chunk,
@@ -405,34 +409,38 @@ def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 
 
 
 class PairRows:
-    """The varlen path's pair rows (``CoreMeta.pair_row``) from the gate's selection: the
-    selected pairs by (kv head, window, block) (:func:`_pair_rows`), then the causal prefix's
-    pairs, then reordered into the plan's segment order (``pair_start, counts``: device, one per
-    segment). Host sizes and small tables only, so backward can call it again on a kept
-    (int16) copy of the selection and get the same rows."""
+    """The varlen path's pair ids (``CoreMeta.pair_row``: ``row * slots + slot``) from the
+    gate's selection: the selected pairs by (kv head, window, block) (:func:`_pair_ids`), then
+    the causal prefix's pairs (slot ``topk - 1``), then reordered into the plan's segment order
+    (``pair_start, counts``: device, one per segment). Host sizes and small tables only, so
+    backward can call it again on a kept (int16) copy of the selection and get the same ids."""
 
     def __init__(self, win_pairs: torch.Tensor, group: int, nblk: int, window: int, first_part: int,
-                 pair_start: torch.Tensor, counts: torch.Tensor):
+                 slots: int, pair_start: torch.Tensor, counts: torch.Tensor):
         self.win_pairs, self.group, self.nblk, self.window = win_pairs, group, nblk, window
-        self.first_part, self.pair_start, self.counts = first_part, pair_start, counts
+        self.first_part, self.slots, self.pair_start, self.counts = first_part, slots, pair_start, counts
 
     def __call__(self, sel: torch.Tensor) -> torch.Tensor:
-        n, hq, _ = sel.shape
-        rows = _pair_rows(sel, self.win_pairs, self.group, self.nblk, self.window)
+        n, hq, kk = sel.shape
+        if n * hq * self.slots >= 2**31:
+            raise ValueError(f"{n} tokens x {hq} heads x {self.slots} slots: pair ids exceed int32; "
+                             "use more context-parallel ranks")
+        ids = _pair_ids(sel, self.win_pairs, self.group, self.nblk, self.slots, self.window)
         if self.first_part:
             hkv = hq // self.group
-            rows = torch.cat([rows, _prefix_pairs(self.first_part, hq, hkv, sel.device).to(torch.int32)])
-        return rows[expand_ranges(self.pair_start, self.counts, rows.numel())]
+            rows = _prefix_pairs(self.first_part, hq, hkv, sel.device)
+            ids = torch.cat([ids, (rows * self.slots + kk).to(torch.int32)])
+        return ids[expand_ranges(self.pair_start, self.counts, ids.numel())]
 
 
-def _pair_rows(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int,
-               window: int = 0) -> torch.Tensor:
-    """Flat rows ``t * Hq + h`` of every selected (query, head) pair, int32, ordered by (kv head,
-    query window, block) and within that by row: the varlen path's segments. One stable sort
-    per kv-head group (its keys are exactly that group's segments, so the groups concatenate in
-    order). Empty slots sort last in their window; ``win_pairs [Hkv, windows]`` (host) counts
-    the real ones, so the kept sorted positions are known on the host (no data-dependent mask).
-    """
+def _pair_ids(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int, slots: int,
+              window: int = 0) -> torch.Tensor:
+    """``(t * Hq + h) * slots + slot`` of every selected (query, head, slot), int32, ordered by
+    (kv head, query window, block) and within that by row: the varlen path's segments. One
+    stable sort per kv-head group (its keys are exactly that group's segments, so the groups
+    concatenate in order). Empty slots sort last in their window; ``win_pairs [Hkv, windows]``
+    (host) counts the real ones, so the kept sorted positions are known on the host (no
+    data-dependent mask)."""
     n, hq, kk = sel.shape
     kk = max(kk, 1)
     nwin = win_pairs.shape[1]
@@ -441,9 +449,11 @@ def _pair_rows(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int
     for g in range(win_pairs.shape[0]):
         order = torch.argsort(_group_keys(sel, g, group, nblk, window), stable=True)
         start, count = to_device([per_win, win_pairs[g]], sel.device)
-        order = order[expand_ranges(start, count, int(win_pairs[g].sum()))] // kk
-        parts.append((order // group * hq + g * group + order % group).to(torch.int32))
-    return torch.cat(parts) if parts else sel.new_empty(0)
+        order = order[expand_ranges(start, count, int(win_pairs[g].sum()))]
+        # order: (t * group + head in group) * kk + slot within this group's columns
+        row = order // kk // group * hq + g * group + order // kk % group
+        parts.append((row * slots + order % kk).to(torch.int32))
+    return torch.cat(parts) if parts else sel.new_empty(0, dtype=torch.int32)
 
 
 def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int, rank: int,
