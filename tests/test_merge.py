@@ -68,6 +68,8 @@ def test_merge_slots_triton_matches_the_reference(dtype):
     out, lse, pout, plse = _case(n, hq, d, slots, t0, w, 3, dtype, "cuda")
     want_o, want_l = _want(out, lse, pout, plse, slots, t0, w)
     merge_slots(pout, plse, slots, out, lse, t0)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    assert float((out.double().cpu() - want_o).abs().max()) <= tol
+    # bf16: the merged row is rounded once to bf16 (within one ulp, 2**-7 relative).
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    err = (out.double().cpu() - want_o).abs() / want_o.abs().clamp_min(1.0)
+    assert float(err.max()) <= tol
     assert float((lse.double().cpu() - want_l).abs().max()) <= 1e-5
