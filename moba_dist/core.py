@@ -482,7 +482,7 @@ def _self_backward_pieces(dout, q, k, v, out, lse, meta: CoreMeta):
 def kernel_share(budget: int) -> int:
     """The part of a call's workspace budget that the varlen kernel's tiles get while a
     selected-part batch is alive (``moba_dist.memory.workspace_limit``, read by the torch
-    backend); the window's accumulators and the batch's own buffers share the rest (see
+    backend); the window's merge buffers and the batch's own buffers share the rest (see
     ``parallel/moba_cp.py``), so that all three together stay within the budget."""
     return budget // 4
 
