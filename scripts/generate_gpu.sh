@@ -8,8 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/dev/gpu_setup.sh
-python3 scripts/check_generate.py --out "$OUT/check_generate.json" 2>&1 | tail -3
-python3 scripts/check_generate.py --prompt 65536 --chunk 4096 --topk 12 --batch 1 --steps 16 \
+python3 scripts/dev/check_generate.py --out "$OUT/check_generate.json" 2>&1 | tail -3
+python3 scripts/dev/check_generate.py --prompt 65536 --chunk 4096 --topk 12 --batch 1 --steps 16 \
   --out "$OUT/check_generate_4096.json" 2>&1 | tail -3
 SEQ=${SEQ:-4096}
 ARGS=(--preset gpu --seq-len "$SEQ" --min-seq-len 32 --batch 16 --pairs 4 --queries 4 --keys 4

@@ -1,7 +1,7 @@
 """Cached HF generation with MoBACache against uncached decoding, on a GPU in bf16 (or the CPU).
 
-    python scripts/check_generate.py --out $OUT/check_generate.json       # CUDA, bf16
-    python scripts/check_generate.py --device cpu --dtype float32 --prompt 300 --chunk 32 --topk 4
+    python scripts/dev/check_generate.py --out $OUT/check_generate.json       # CUDA, bf16
+    python scripts/dev/check_generate.py --device cpu --dtype float32 --prompt 300 --chunk 32 --topk 4
 
 A randomly initialized Llama (GQA, hybrid: the last layer full) decodes greedily from a random
 prompt longer than ``topk x chunk`` (sparse MoBA) through ``moba_dist.hf.MoBACache``; the same
