@@ -281,9 +281,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``t * H + h`` of ``x [n, H, D]`` as ``[len(rows), D]``, read in place also when ``x``
+    is a strided view (an HF layer's ``[B, H, S, D]`` transposed), where flattening it would copy
+    all of ``x`` for every batch."""
+    if x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1):  # (t, h) flatten to a view
+        return _flat(x)[rows]
+    h = x.shape[1]
+    return x[rows // h, rows % h]
+
+
 def _pick(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows ``t * Hq + h`` of ``x [n, Hq, D]`` as ``[len(rows), 1, D]``."""
-    return _flat(x)[rows].unsqueeze(1)
+    return _gather(x, rows).unsqueeze(1)
 
 
 def head_major(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -312,7 +322,7 @@ def _segment_kv(recv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``k, v`` without building the pool."""
     r, (n, hkv, _) = recv.shape[0], k.shape
     local = token_rows((idx - r).clamp_min(0), n, hkv)
-    kb, vb = _flat(k)[local], _flat(v)[local]
+    kb, vb = _gather(k, local), _gather(v, local)
     if r:
         here = (idx >= r)[:, None]
         far = idx.clamp_max(r - 1)

@@ -223,3 +223,36 @@ def test_backward_keeps_the_selection_in_int16_not_the_pair_rows(monkeypatch):
         ref = moba_attn_varlen_reference(q, k, v, cu, 16, kk + 1)
         for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), go)):
             assert (a - b).abs().max() < 1e-12
+
+
+def test_strided_inputs_give_the_contiguous_result_and_are_not_flattened_per_batch(monkeypatch):
+    """q, k, v as an HF layer hands them over (``[1, H, S, D]`` transposed: a strided view) give
+    the result and gradients of contiguous copies (float64, to rounding), with many batches; the varlen path
+    reads their rows in place instead of flattening (copying) the whole tensor per batch."""
+    monkeypatch.setattr(memory, "_override", 1 << 13)  # many windows and batches
+    g = torch.Generator().manual_seed(2)
+    cu = make_cu([90, 70])
+    views = [torch.randn(1, h, 160, 16, dtype=torch.float64, generator=g).transpose(1, 2)[0]
+             for h in (4, 2, 2)]
+    assert not views[0].is_contiguous()
+    go = torch.randn(160, 4, 16, dtype=torch.float64, generator=g)
+    leaves = [x.detach().requires_grad_() for x in views]
+    flat_copies = []
+    real_reshape = torch.Tensor.reshape
+
+    def reshape(self, *shape):
+        flat = shape in ((-1, self.shape[-1]), ((-1, self.shape[-1]),))
+        if flat and self.data_ptr() in {x.data_ptr() for x in leaves} and not self.is_contiguous():
+            flat_copies.append(shape)
+        return real_reshape(self, *shape)
+
+    monkeypatch.setattr(torch.Tensor, "reshape", reshape)
+    out = moba_attn_varlen(*leaves, cu, 90, 8, 3)
+    grads = torch.autograd.grad(out, leaves, go)
+    monkeypatch.undo()
+    assert not flat_copies, flat_copies
+    dense = [x.detach().contiguous().requires_grad_() for x in views]
+    want = moba_attn_varlen(*dense, cu, 90, 8, 3)
+    assert (out - want).abs().max() < 1e-12
+    for a, b in zip(grads, torch.autograd.grad(want, dense, go)):
+        assert (a - b).abs().max() < 1e-12
