@@ -39,7 +39,7 @@ from .settings import SELECTED_ENV, Settings
 class SelBatch:
     """A run of consecutive selected-part segments processed together (bounds memory)."""
 
-    pairs: slice  # into pair_row
+    pairs: slice  # of the plan's pairs, in segment order (see CoreMeta.pair_ids)
     rows: slice  # into seg_index
     cu_q: torch.Tensor  # int32 [segments + 1], relative to the batch
     cu_k: torch.Tensor
@@ -161,9 +161,6 @@ class CoreMeta:
 
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
-    # [pairs] int32 ``(t * Hq + h) * pair_slots + slot`` of each selected pair, by segment: its
-    # row ``t * Hq + h`` and the slot its partial result takes in the window's merge
-    pair_row: torch.Tensor | None
     seg_index: torch.Tensor  # int32 [rows] pool rows of every key segment, in segment order
     sel_batches: list[SelBatch]
     max_k_sel: int
@@ -178,10 +175,12 @@ class CoreMeta:
     # Host (first part, end part, first token, end token) of each piece the self part's backward
     # runs in (see self_pieces); empty: one call.
     self_pieces: tuple[tuple[int, int, int, int], ...] = ()
-    # Set: backward rebuilds ``pair_row`` as ``pair_rebuild(pair_sel)`` (``pair_sel``: the gate's
-    # selection in int16, kept instead of the int32 rows; see parallel/moba_cp.PairRows).
+    # The varlen path's (query, head, slot) pairs: ``pair_ids.window_ids(pair_sel, w)`` gives
+    # window ``w``'s ``(t * Hq + h) * pair_slots + slot`` ids in segment order (the batches'
+    # ``pairs`` minus ``pair_ids.base[w]``), rebuilt from the gate's selection ``pair_sel``
+    # (int16 below 2**15 blocks) in forward and backward (see parallel/moba_cp.PairRows).
     pair_sel: torch.Tensor | None = None
-    pair_rebuild: object | None = None
+    pair_ids: object | None = None
     pair_slots: int = 1  # partial results per row: topk - 1, plus one for a causal prefix
 
 
@@ -348,8 +347,6 @@ class MoBACore(torch.autograd.Function):
         # The plan's index tensors go through save_for_backward like the activations, so that
         # activation checkpointing drops them with the rest (and recomputes them) instead of
         # keeping every layer's plan alive until its backward.
-        if meta.pair_sel is not None:
-            meta = replace(meta, pair_row=None)  # rebuilt from pair_sel in backward
         plan, ctx.meta = split_plan(meta)
         kept = (recv,) if meta.keep_fetched else ()
         ctx.n_kept = len(kept)
@@ -361,13 +358,11 @@ class MoBACore(torch.autograd.Function):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         kept, plan = rest[:ctx.n_kept], rest[ctx.n_kept:]
         meta = join_plan(plan, ctx.meta)
-        if meta.pair_sel is not None:
-            meta = replace(meta, pair_row=meta.pair_rebuild(meta.pair_sel), pair_sel=None)
         dq, dk, dv = core_backward(dout, q, k, v, out, lse, meta, kept[0] if kept else None)
         return dq, dk, dv, None
 
 
-_PLAN_FIELDS = ("cu_self", "pair_row", "seg_index", "pair_sel")
+_PLAN_FIELDS = ("cu_self", "seg_index", "pair_sel")
 _FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset", "head_offset")
 
 
@@ -513,8 +508,9 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         r0, r1 = _window_range(w, meta.window_rows, n, hq)
         part_out = q.new_empty((r1 - r0) * slots, d)
         part_lse = lse.new_full(((r1 - r0) * slots,), float("-inf"))
+        ids_w, base = meta.pair_ids.window_ids(meta.pair_sel, w), meta.pair_ids.base[w]
         for b in batches:
-            ids = meta.pair_row[b.pairs].long()
+            ids = ids_w[b.pairs.start - base:b.pairs.stop - base].long()
             k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
             with workspace_limit(kernel_share(meta.workspace)):
                 o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), k_b, v_b, b.cu_q, b.cu_k,
@@ -525,7 +521,7 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
             part_lse.index_copy_(0, ids, lse_sel[0].to(part_lse.dtype))
             del ids, o_sel, lse_sel  # before the next batch's buffers are made
         merge_slots(part_out, part_lse, slots, out, lse, r0 // hq)
-        del part_out, part_lse
+        del part_out, part_lse, ids_w
     return out.to(q.dtype), lse
 
 
@@ -574,8 +570,9 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
             r0, r1 = _window_range(w, meta.window_rows, n, hq)
             # (In place when dq already is in the accumulation dtype.)
             dq_w = dq_rows[r0:r1].to(acc)
+            ids_w, base = meta.pair_ids.window_ids(meta.pair_sel, w), meta.pair_ids.base[w]
             for b in batches:
-                rows = meta.pair_row[b.pairs].long() // meta.pair_slots
+                rows = ids_w[b.pairs.start - base:b.pairs.stop - base].long() // meta.pair_slots
                 idx = meta.seg_index[b.rows]
                 k_b, v_b = _segment_kv(recv, k, v, idx)
                 with workspace_limit(kernel_share(meta.workspace)):

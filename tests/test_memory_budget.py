@@ -148,7 +148,9 @@ def test_query_windows_bound_the_float32_accumulators(budget, monkeypatch):
     if budget == 1 << 14:
         assert len(set(seen)) > 1
     for b in meta.sel_batches:
-        tokens = meta.pair_row[b.pairs].long() // (hq * meta.pair_slots)
+        ids = meta.pair_ids.window_ids(meta.pair_sel, b.window)
+        base = meta.pair_ids.base[b.window]
+        tokens = ids[b.pairs.start - base:b.pairs.stop - base].long() // (hq * meta.pair_slots)
         assert ((tokens // window) == b.window).all()
 
 

@@ -227,7 +227,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         num_pairs = int(all_counts[rank].sum())
         # Base segments: the selected (kv head, block)s in (head, block) order, then the causal
         # prefix of the first local block per head. Segments: a base segment's pairs in one
-        # query window, in (head, window, block) order (the order pair_row is sorted in), then
+        # query window, in (head, window, block) order, then
         # the prefixes (window 0: a prefix's queries are the slice's first part, <= one block).
         seg_id = torch.full((hkv * nblk,), -1, dtype=torch.int64)
         seg_id[need[rank].flatten()] = torch.arange(int(need[rank].sum()))
@@ -263,7 +263,6 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         base = seg_base[order]
         take = by_seg[expand_ranges(first_piece[base], n_pieces[base])]
         runs = [fp.send_start, fp.send_len, piece_start[take], piece_len[take]]
-        pair_start = torch.cumsum(seg_counts, 0) - seg_counts
         seg_counts, seg_len, seg_win = seg_counts[order], base_len[base], seg_win[order]
         num_rows = int(seg_len.sum())
         if fused:
@@ -300,17 +299,22 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
                                                                acc_elem)))
             batches = window_batches(seg_counts, seg_len, seg_win, batch_budget,
                                      *pair_row_bytes(d, q.element_size()))
-            host = runs + [pair_start[order], seg_counts]
+            # Each window's pairs are rebuilt from the selection when the window is run (forward
+            # and backward), so no T x Hq x (topk - 1) pair table exists: the start of every
+            # segment inside its window's (head, block)-ordered pairs, in plan order.
+            win_pairs = wc.sum(2)  # [hkv, win]
+            local = ((win_pairs.cumsum(0) - win_pairs)[hit[:, 0], hit[:, 1]]
+                     + (wc.cumsum(2) - wc)[hit[:, 0], hit[:, 1], hit[:, 2]])
+            if lp.prefix_len:
+                local = torch.cat([local, win_pairs[:, 0].sum() + torch.arange(hkv) * first_part * group])
+            host = runs + [local[order], seg_counts]
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
-            runs, (pair_start, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
-            rebuild = PairRows(wc.sum(2), group, nblk, window if nwin > 1 else 0, first_part, slots,
-                               pair_start, counts_dev)
-            pair_row = rebuild(sel)
-            if nblk < 2**15 and not _forward_only(q, k, v):
-                # Backward rebuilds the pair rows from the selection in int16 (half the bytes
-                # of the int32 rows it would otherwise keep; the sorts cost a few ms).
-                pair_sel = sel.to(torch.int16)
+            runs, (local_dev, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
+            rebuild = PairRows(win_pairs, group, nblk, window, first_part, slots, seg_win, local_dev,
+                               counts_dev, seg_counts)
+            # int16 holds every block id (and -1) below 2**15 blocks: half the bytes kept.
+            pair_sel = sel.to(torch.int16) if nblk < 2**15 else sel
             batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
@@ -320,9 +324,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
-            pair_row=None if fused else pair_row,
             pair_sel=pair_sel,
-            pair_rebuild=rebuild if pair_sel is not None else None,
+            pair_ids=rebuild if pair_sel is not None else None,
             pair_slots=slots,
             seg_index=seg_index,
             sel_batches=batches,
@@ -384,7 +387,7 @@ def _static_fused_meta(q, k, v, sel, sp: StreamPlan, tables, softmax_scale: floa
                      offset=offset, head_offset=head_base)
     empty = seg_start.new_empty(0)
     return CoreMeta(
-        cu_self=tables["cu_self"], max_self=max_self, pair_row=None, seg_index=empty, sel_batches=[],
+        cu_self=tables["cu_self"], max_self=max_self, seg_index=empty, sel_batches=[],
         max_k_sel=layout.chunk, fetch=KVFetch(None, empty, [], [], k.dtype), softmax_scale=softmax_scale,
         backend=get_backend(q.device, q.dtype, d, backend), keep_fetched=keep_fetched, fused=fused,
         overlaps=False, workspace=budget, window_rows=n, self_pieces=pieces)
@@ -409,49 +412,59 @@ def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 
 
 
 class PairRows:
-    """The varlen path's pair ids (``CoreMeta.pair_row``: ``row * slots + slot``) from the
-    gate's selection: the selected pairs by (kv head, window, block) (:func:`_pair_ids`), then
-    the causal prefix's pairs (slot ``topk - 1``), then reordered into the plan's segment order
-    (``pair_start, counts``: device, one per segment). Host sizes and small tables only, so
-    backward can call it again on a kept (int16) copy of the selection and get the same ids."""
+    """The varlen path's pair ids, ``row * slots + slot``, one query window at a time
+    (:meth:`window`), from the gate's selection (kept as ``CoreMeta.pair_sel``): the window's
+    selected pairs by (kv head, block) (:func:`_pair_ids`), then (window 0) the causal prefix's
+    pairs (slot ``topk - 1``), reordered into the plan's segment order. Host sizes and small
+    device tables only: forward and backward call it on the same selection and get the same ids.
+
+    ``win_pairs [Hkv, windows]``, ``seg_win``, ``seg_counts`` (host, segment order) and
+    ``local, counts`` (device, plan order: each segment's start in its window's (head,
+    block)-ordered pairs, and its pair count)."""
 
     def __init__(self, win_pairs: torch.Tensor, group: int, nblk: int, window: int, first_part: int,
-                 slots: int, pair_start: torch.Tensor, counts: torch.Tensor):
+                 slots: int, seg_win: torch.Tensor, local: torch.Tensor, counts: torch.Tensor,
+                 seg_counts: torch.Tensor):
         self.win_pairs, self.group, self.nblk, self.window = win_pairs, group, nblk, window
-        self.first_part, self.slots, self.pair_start, self.counts = first_part, slots, pair_start, counts
+        self.first_part, self.slots, self.local, self.counts = first_part, slots, local, counts
+        nwin = win_pairs.shape[1]
+        per_win = torch.bincount(seg_win, minlength=nwin)
+        pairs_per_win = torch.zeros(nwin, dtype=torch.int64)
+        pairs_per_win.index_add_(0, seg_win, seg_counts.to(torch.int64))
+        # Segments and pairs of each window in plan order (window-major): [start, end) bounds.
+        self.seg_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), per_win.cumsum(0)]).tolist()
+        self.base = torch.cat([torch.zeros(1, dtype=torch.int64), pairs_per_win.cumsum(0)]).tolist()
 
-    def __call__(self, sel: torch.Tensor) -> torch.Tensor:
+    def window_ids(self, sel: torch.Tensor, w: int) -> torch.Tensor:
+        """int32 ids of window ``w``'s pairs in plan order (``SelBatch.pairs`` minus ``base[w]``)."""
         n, hq, kk = sel.shape
         if n * hq * self.slots >= 2**31:
             raise ValueError(f"{n} tokens x {hq} heads x {self.slots} slots: pair ids exceed int32; "
                              "use more context-parallel ranks")
-        ids = _pair_ids(sel, self.win_pairs, self.group, self.nblk, self.slots, self.window)
-        if self.first_part:
-            hkv = hq // self.group
-            rows = _prefix_pairs(self.first_part, hq, hkv, sel.device)
+        t0 = w * self.window
+        sub = sel[t0:min(n, t0 + self.window)]
+        ids = _pair_ids(sub, self.win_pairs[:, w], self.group, self.nblk, self.slots, t0, hq)
+        if w == 0 and self.first_part:  # the prefix's queries are the slice's first part
+            rows = _prefix_pairs(self.first_part, hq, hq // self.group, sel.device)
             ids = torch.cat([ids, (rows * self.slots + kk).to(torch.int32)])
-        return ids[expand_ranges(self.pair_start, self.counts, ids.numel())]
+        a, b = self.seg_bounds[w], self.seg_bounds[w + 1]
+        return ids[expand_ranges(self.local[a:b], self.counts[a:b], self.base[w + 1] - self.base[w])]
 
 
 def _pair_ids(sel: torch.Tensor, win_pairs: torch.Tensor, group: int, nblk: int, slots: int,
-              window: int = 0) -> torch.Tensor:
-    """``(t * Hq + h) * slots + slot`` of every selected (query, head, slot), int32, ordered by
-    (kv head, query window, block) and within that by row: the varlen path's segments. One
-    stable sort per kv-head group (its keys are exactly that group's segments, so the groups
-    concatenate in order). Empty slots sort last in their window; ``win_pairs [Hkv, windows]``
-    (host) counts the real ones, so the kept sorted positions are known on the host (no
-    data-dependent mask)."""
-    n, hq, kk = sel.shape
-    kk = max(kk, 1)
-    nwin = win_pairs.shape[1]
-    per_win = (torch.arange(nwin) * window if window else torch.zeros(1, dtype=torch.int64)) * group * kk
+              t0: int, hq: int) -> torch.Tensor:
+    """``(t * Hq + h) * slots + slot`` of every selected (query, head, slot) of ``sel``, the
+    selection of tokens ``t0 ..``, int32, ordered by (kv head, block) and within that by row:
+    one query window's segments. One stable sort per kv-head group (its keys are exactly that
+    group's segments, so the groups concatenate in order). Empty slots sort last;
+    ``win_pairs [Hkv]`` (host) counts the real ones, so the kept positions are known on the host
+    (no data-dependent mask)."""
+    kk = max(sel.shape[-1], 1)
     parts = []
     for g in range(win_pairs.shape[0]):
-        order = torch.argsort(_group_keys(sel, g, group, nblk, window), stable=True)
-        start, count = to_device([per_win, win_pairs[g]], sel.device)
-        order = order[expand_ranges(start, count, int(win_pairs[g].sum()))]
+        order = torch.argsort(_group_keys(sel, g, group, nblk), stable=True)[:int(win_pairs[g])]
         # order: (t * group + head in group) * kk + slot within this group's columns
-        row = order // kk // group * hq + g * group + order // kk % group
+        row = (order // kk // group + t0) * hq + g * group + order // kk % group
         parts.append((row * slots + order % kk).to(torch.int32))
     return torch.cat(parts) if parts else sel.new_empty(0, dtype=torch.int32)
 
