@@ -178,7 +178,7 @@ class CoreMeta:
     # The varlen path's (query, head, slot) pairs: ``pair_ids.window_ids(pair_sel, w)`` gives
     # window ``w``'s ``(t * Hq + h) * pair_slots + slot`` ids in segment order (the batches'
     # ``pairs`` minus ``pair_ids.base[w]``), rebuilt from the gate's selection ``pair_sel``
-    # (int16 below 2**15 blocks) in forward and backward (see parallel/moba_cp.PairRows).
+    # (int16 below 2**15 blocks) in forward and backward (see parallel/moba_cp.PairIds).
     pair_sel: torch.Tensor | None = None
     pair_ids: object | None = None
     pair_slots: int = 1  # partial results per row: topk - 1, plus one for a causal prefix
@@ -508,9 +508,7 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         r0, r1 = _window_range(w, meta.window_rows, n, hq)
         part_out = q.new_empty((r1 - r0) * slots, d)
         part_lse = lse.new_full(((r1 - r0) * slots,), float("-inf"))
-        ids_w, base = meta.pair_ids.window_ids(meta.pair_sel, w), meta.pair_ids.base[w]
-        for b in batches:
-            ids = ids_w[b.pairs.start - base:b.pairs.stop - base].long()
+        for b, ids in _window_pairs(meta, w, batches):
             k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
             with workspace_limit(kernel_share(meta.workspace)):
                 o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), k_b, v_b, b.cu_q, b.cu_k,
@@ -521,7 +519,7 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
             part_lse.index_copy_(0, ids, lse_sel[0].to(part_lse.dtype))
             del ids, o_sel, lse_sel  # before the next batch's buffers are made
         merge_slots(part_out, part_lse, slots, out, lse, r0 // hq)
-        del part_out, part_lse, ids_w
+        del part_out, part_lse
     return out.to(q.dtype), lse
 
 
@@ -535,6 +533,14 @@ def _by_window(meta: CoreMeta):
             j += 1
         yield batches[i].window, batches[i:j]
         i = j
+
+
+def _window_pairs(meta: CoreMeta, w: int, batches):
+    """``(batch, int64 pair ids)`` of window ``w``'s batches; the window's ids are rebuilt once
+    from the plan's selection (``CoreMeta.pair_ids``)."""
+    ids_w, base = meta.pair_ids.window_ids(meta.pair_sel, w), meta.pair_ids.base[w]
+    for b in batches:
+        yield b, ids_w[b.pairs.start - base:b.pairs.stop - base].long()
 
 
 def _window_range(w: int, window: int, n: int, hq: int) -> tuple[int, int]:
@@ -570,9 +576,8 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
             r0, r1 = _window_range(w, meta.window_rows, n, hq)
             # (In place when dq already is in the accumulation dtype.)
             dq_w = dq_rows[r0:r1].to(acc)
-            ids_w, base = meta.pair_ids.window_ids(meta.pair_sel, w), meta.pair_ids.base[w]
-            for b in batches:
-                rows = ids_w[b.pairs.start - base:b.pairs.stop - base].long() // meta.pair_slots
+            for b, ids in _window_pairs(meta, w, batches):
+                rows = ids // meta.pair_slots
                 idx = meta.seg_index[b.rows]
                 k_b, v_b = _segment_kv(recv, k, v, idx)
                 with workspace_limit(kernel_share(meta.workspace)):

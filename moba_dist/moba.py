@@ -82,7 +82,8 @@ def moba_attn_varlen(
     ``q + k + v + out`` bytes, a quarter of it when no gradient can be asked (``no_grad``:
     prefill) (``moba_dist.memory``; ``$MOBA_DIST_WORKSPACE_BYTES`` or
     ``set_workspace_bytes`` fix it). Besides that: the selection (``T * Hq * (topk - 1)``
-    int32; the fused path maps it to segment ids one query window at a time), and, in
+    int32; the fused path maps it to segment ids one query window at a time, the varlen path
+    keeps it in int16 and rebuilds each window's pair ids from it), and, in
     backward, the gradients themselves (float32 ``dq`` on the varlen path, float32 key/value
     gradients on the fused path). The fused kernel reads ``k, v`` where they are (any strides,
     the same for both; otherwise one head-major copy).

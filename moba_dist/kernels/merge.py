@@ -75,12 +75,12 @@ def merge_slots(part_out: torch.Tensor, part_lse: torch.Tensor, slots: int, out:
     combined in one pass, in the accumulation dtype, and written over its ``out`` and ``lse``
     rows (rounded once to ``out``'s dtype). NaN anywhere in a row's parts gives NaN there.
 
-    ``impl``: ``"auto"`` (CUDA: one Triton kernel, ``triton_moba._merge_kernel``, shared with
+    ``slots >= 1``. ``impl``: ``"auto"`` (CUDA: one Triton kernel, ``triton_moba._merge_kernel``, shared with
     the fused path; other devices: PyTorch, one slot at a time, scratch ``[W * Hq, D]``),
     ``"triton"`` or ``"torch"`` (the Triton kernel needs contiguous ``out`` and float32 ``lse``).
     """
     n, hq, d = out.shape
-    rows = part_lse.numel() // max(slots, 1)
+    rows = part_lse.numel() // slots
     w = rows // hq
     if rows == 0:
         return
@@ -101,7 +101,7 @@ def merge_slots(part_out: torch.Tensor, part_lse: torch.Tensor, slots: int, out:
     o_self = out[t0:t0 + w].reshape(rows, d)
     l_self = lse[:, t0:t0 + w].t().reshape(rows).to(acc)
     pl = part_lse.view(rows, slots).to(acc)
-    m = torch.maximum(pl.max(1).values, l_self) if slots else l_self
+    m = torch.maximum(pl.max(1).values, l_self)
     m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
     w_self = torch.exp(l_self - m)
     denom = w_self.clone()

@@ -196,7 +196,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         return _static_fused_meta(q, k, v, sel, sp, tables, softmax_scale, backend, keep_fetched, budget,
                                   stats), sel, stats
     acc_elem = accum_dtype(q.dtype).itemsize
-    pair_sel = None
+    pair_sel = pair_ids = None
     # Partial results per row in the varlen path's merge: one per selected block, one more for
     # the causal prefix of the slice's first block (context parallel).
     slots = kk + (1 if lp.prefix_len else 0)
@@ -311,7 +311,10 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             host += [t for b in batches for t in (b.cu_q, b.cu_k)]
             dev_tables = to_device(host, dev)
             runs, (local_dev, counts_dev), cus = dev_tables[:4], dev_tables[4:6], dev_tables[6:]
-            rebuild = PairRows(win_pairs, group, nblk, window, first_part, slots, seg_win, local_dev,
+            if n * hq * slots >= 2**31:
+                raise ValueError(f"{n} tokens x {hq} heads x {slots} slots: pair ids exceed int32; "
+                                 "use more context-parallel ranks")
+            pair_ids = PairIds(win_pairs, group, nblk, window, first_part, slots, seg_win, local_dev,
                                counts_dev, seg_counts)
             # int16 holds every block id (and -1) below 2**15 blocks: half the bytes kept.
             pair_sel = sel.to(torch.int16) if nblk < 2**15 else sel
@@ -325,7 +328,7 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
             pair_sel=pair_sel,
-            pair_ids=rebuild if pair_sel is not None else None,
+            pair_ids=pair_ids,
             pair_slots=slots,
             seg_index=seg_index,
             sel_batches=batches,
@@ -411,9 +414,9 @@ def _group_keys(sel: torch.Tensor, g: int, group: int, nblk: int, window: int = 
     return key.flatten()
 
 
-class PairRows:
+class PairIds:
     """The varlen path's pair ids, ``row * slots + slot``, one query window at a time
-    (:meth:`window`), from the gate's selection (kept as ``CoreMeta.pair_sel``): the window's
+    (:meth:`window_ids`), from the gate's selection (kept as ``CoreMeta.pair_sel``): the window's
     selected pairs by (kv head, block) (:func:`_pair_ids`), then (window 0) the causal prefix's
     pairs (slot ``topk - 1``), reordered into the plan's segment order. Host sizes and small
     device tables only: forward and backward call it on the same selection and get the same ids.
@@ -438,9 +441,6 @@ class PairRows:
     def window_ids(self, sel: torch.Tensor, w: int) -> torch.Tensor:
         """int32 ids of window ``w``'s pairs in plan order (``SelBatch.pairs`` minus ``base[w]``)."""
         n, hq, kk = sel.shape
-        if n * hq * self.slots >= 2**31:
-            raise ValueError(f"{n} tokens x {hq} heads x {self.slots} slots: pair ids exceed int32; "
-                             "use more context-parallel ranks")
         t0 = w * self.window
         sub = sel[t0:min(n, t0 + self.window)]
         ids = _pair_ids(sub, self.win_pairs[:, w], self.group, self.nblk, self.slots, t0, hq)
@@ -485,4 +485,4 @@ def _select(q, k, sp: StreamPlan, tables, offsets, comm, topk: int, budget: int,
         return move_rows(sel_g, balanced, offsets, comm, "gate_balance.back")
 
 
-__all__ = ["PairRows", "moba_pipeline", "moba_plan"]
+__all__ = ["PairIds", "moba_pipeline", "moba_plan"]
