@@ -1,5 +1,5 @@
-"""The README's code runs as printed: its snippets fenced as ```python name=quickstart|cp|hf are
-extracted and executed, the CP and HF ones on 2 spawned CPU processes under gloo (each snippet
+"""The README's code runs as printed: its snippets fenced as ```python name=quickstart|cp|hf|generate-cp are
+extracted and executed, the CP, HF and CP-generation ones on 2 spawned CPU processes under gloo (each snippet
 initializes its process group from torchrun's environment variables, set here per rank), and their
 results are checked against the one-process functions on the same inputs."""
 
@@ -60,7 +60,7 @@ def _check_cp(ns: dict) -> None:
     assert ns["plan"].calls == 4 and ns["plan"].host_syncs == 5
 
 
-def _worker(rank: int, ports: tuple[int, int], results) -> None:
+def _worker(rank: int, ports: tuple[int, int, int], results) -> None:
     torch.set_num_threads(1)
     try:
         _check_cp(_run("cp", ports[0], rank))
@@ -72,6 +72,12 @@ def _worker(rank: int, ports: tuple[int, int], results) -> None:
         full = ns["model"](input_ids=ids, position_ids=pos, labels=ids,
                            shift_labels=moba_dist.hf.shift_labels(ids, pos)).loss
         grads = all(p.grad is not None for p in ns["model"].parameters())
+        gen = _run("generate-cp", ports[2], rank)
+        model = gen["model"]
+        cache = moba_dist.hf.MoBACache(model.config)
+        want = model.generate(gen["ids"], max_new_tokens=8, do_sample=False,
+                              **moba_dist.hf.cache_kwargs(model, cache))
+        assert gen["out"].equal(want), "README generate-cp: tokens differ from one process"
         results.put((rank, None, float(ns["loss"]), float(full), grads))
     except BaseException:
         results.put((rank, traceback.format_exc(), None, None, None))
@@ -84,11 +90,11 @@ def test_quickstart_snippet_runs():
     assert ns["out"].shape == ns["q"].shape and ns["q"].grad is not None
 
 
-def test_cp_and_hf_snippets_run_on_two_ranks():
+def test_cp_hf_and_generate_cp_snippets_run_on_two_ranks():
     pytest.importorskip("transformers")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    ports = (_free_port(), _free_port())
+    ports = (_free_port(), _free_port(), _free_port())
     procs = [ctx.Process(target=_worker, args=(r, ports, results)) for r in range(WORLD)]
     for p in procs:
         p.start()

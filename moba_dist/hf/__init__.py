@@ -39,8 +39,10 @@ the alternative.) Pass the CP sub-group as ``group``; nothing here uses the defa
 
 Supported inside ``context_parallel``: token ids through :meth:`ContextParallel.shard` (a
 ``[B, S]`` batch becomes one packed row), causal decoder attention without padding masks,
-attention dropout, sliding windows or KV caches (a MoBACache raises NotImplementedError there:
-context-parallel decode is not wired in yet); at least one token per rank.
+attention dropout, sliding windows or caches other than MoBACache; at least one token per rank.
+A MoBACache prefilled there from ``cp.shard`` stays sharded as the slices were, and
+``generate()`` inside the block decodes over the group (README, "Generation";
+``moba_dist/parallel/decode_cp.py``).
 
 Importing this package does not import transformers; :func:`register` does.
 """

@@ -110,8 +110,8 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 
     Raises ValueError for padding masks without a MoBACache, dropout > 0, non-causal modules,
     sliding windows, softcapping, key lengths other than the query length without a MoBACache
-    (e.g. a ``DynamicCache``), and NotImplementedError for a MoBACache inside
-    ``context_parallel``.
+    (e.g. a ``DynamicCache``) and padding masks with a MoBACache inside ``context_parallel``
+    (there the cache is sharded over the group: :func:`_sharded_cached_attention`).
     """
     if dropout:
         raise ValueError(f"dropout: moba_dist has no attention dropout, got {dropout} (set "
@@ -132,9 +132,8 @@ def moba_dist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     layer = getattr(key, CACHE_TAG, None)
     if layer is not None:
         if cp is not None:
-            # Hook for context-parallel inference (moba_dist.parallel.decode_cp.moba_decode_cp).
-            raise NotImplementedError("MoBACache inside context_parallel: context-parallel prefill/decode "
-                                      "is not wired into the HF integration yet")
+            return _sharded_cached_attention(layer, moba_config(config), layer_idx, query, key, value,
+                                             attention_mask, scaling, cp), None
         return _cached_attention(layer, moba_config(config), layer_idx, query, key, value, attention_mask,
                                  scaling), None
     if kwargs.get("cache") is not None:
@@ -189,6 +188,9 @@ def _cached_attention(layer, moba: MoBAConfig, layer_idx: int, query: torch.Tens
     if mask is not None and not isinstance(mask, PaddingMask):
         raise ValueError(f"attention_mask: expected the 2-D mask through moba_dist's mask function, got "
                          f"{type(mask).__name__}")
+    if layer.offset is not None:
+        raise ValueError("MoBACache: this cache was filled inside context_parallel (sharded over its "
+                         "group) and decodes only inside it")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D]
     if layer.columns == seqlen:  # the cache was empty: prefill
         if mask is None:
@@ -214,6 +216,40 @@ def _cached_attention(layer, moba: MoBAConfig, layer_idx: int, query: torch.Tens
     for s in range(seqlen):
         layer.append(k[:, s], v[:, s], None if real is None else real[:, s])
         outs.append(decode_attention(layer, moba, q[:, s].contiguous(), scaling))
+    return torch.stack(outs, dim=1)
+
+
+def _sharded_cached_attention(layer, moba: MoBAConfig, layer_idx: int, query: torch.Tensor,
+                              key: torch.Tensor, value: torch.Tensor, mask: PaddingMask | None,
+                              scaling: float | None, cp) -> torch.Tensor:
+    """The MoBACache path inside :func:`~moba_dist.hf.context_parallel`. Into an empty cache the
+    input is this rank's slice from ``cp.shard`` (``B == 1``): context-parallel attention as in
+    training, and the slice is stored as this rank's shard of one cache row per sequence
+    (:meth:`~moba_dist.hf.cache.MoBACacheLayer.fill_shard`). Into a filled one the input is
+    the new columns, the same ``[B, S]`` on every rank: each is appended on the rank holding its
+    row's tail and attended by a context-parallel decode step over the group (every rank gets
+    the same output)."""
+    from .cache import decode_attention
+
+    batch, heads, seqlen, dim = query.shape
+    if mask is not None and mask.has_padding():
+        raise ValueError("attention_mask: padding is not supported with a MoBACache inside context_parallel "
+                         "(rows of one length, one sequence each)")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D]
+    if layer.offset is None:
+        if layer.columns != seqlen:
+            raise ValueError("MoBACache: a cache filled outside context_parallel cannot decode inside it")
+        if cp.cu_seqlens is None or batch != 1 or cp.local_slice.stop - cp.local_slice.start != seqlen:
+            raise ValueError("context_parallel: prefill a MoBACache with the inputs of cp.shard(...)")
+        qp, kp, vp = q[0], k[0], v[0]
+        out = layer_attention(moba, layer_idx, qp, kp, vp, cp.cu_seqlens, context_parallel=True,
+                              softmax_scale=scaling, plan=cp.plan)
+        layer.fill_shard(kp, vp, cp.cu_seqlens, cp.local_slice, group=cp.group)
+        return out.view(1, seqlen, heads, dim)
+    outs = []
+    for s in range(seqlen):
+        layer.append(k[:, s], v[:, s], layer.tail)
+        outs.append(decode_attention(layer, moba, q[:, s].contiguous(), scaling, group=cp.group))
     return torch.stack(outs, dim=1)
 
 

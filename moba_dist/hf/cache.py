@@ -43,9 +43,14 @@ Prefill memory: a prompt into an empty cache runs as one ``moba_attn_varlen`` ca
 (its documented workspace). ``generate(prefill_chunk_size=...)`` bounds memory exactly, but
 every chunk after the first enters a filled cache and is attended token by token (slow).
 
+Inside ``context_parallel`` (:meth:`MoBACacheLayer.fill_shard`): a prefill from ``cp.shard``
+leaves each rank its slice of every sequence (one row per sequence, ``offset`` its global start,
+``tail`` whether the row's newest token is here); decode steps then get the same new tokens on
+every rank, store each on its row's tail rank and decode over the group
+(``moba_dist.parallel.decode_cp``). Rows of one length, no padding.
+
 Not supported: ``crop`` (assisted generation, DoLa), offloading, ``torch.compile`` of decode
-(``is_compileable`` is False), context-parallel decode (the hook is
-:func:`decode_attention`, see there).
+(``is_compileable`` is False).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ from .attention import moba_config
 def cache_layer_of(key: torch.Tensor) -> MoBACacheLayer | None:
     """The :class:`MoBACacheLayer` that returned ``key`` from ``update``, or None."""
     return getattr(key, _TAG, None)
+
+
+_ROW_STATE = ("keys", "values", "seqlens", "block_sums", "offset", "tail")  # tensors indexed by row
 
 
 class MoBACacheLayer(CacheLayerMixin):
@@ -89,6 +97,12 @@ class MoBACacheLayer(CacheLayerMixin):
         self.columns = 0  # input columns seen, padding included (HF's notion of the cache length)
         self.seqlens: torch.Tensor | None = None
         self.block_sums: torch.Tensor | None = None
+        # Sharded (filled inside context_parallel, see fill_shard): int64 [B] global position of
+        # local position 0, bool [B] "this rank appends the row's new tokens", and a host bound
+        # on any row's local length (what the storage must hold).
+        self.offset: torch.Tensor | None = None
+        self.tail: torch.Tensor | None = None
+        self.local_columns = 0
 
     # -- HF Cache API --------------------------------------------------------------------------
 
@@ -112,7 +126,11 @@ class MoBACacheLayer(CacheLayerMixin):
         if key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(f"MoBACache: batch {key_states.shape[0]}, cache holds {self.keys.shape[0]} rows")
         self.columns += key_states.shape[2]
-        self._reserve(self.columns)
+        if self.offset is None:
+            self._reserve(self.columns)
+        else:
+            self.local_columns += key_states.shape[2]
+            self._reserve(self.local_columns)
         k, v = key_states.view(key_states.shape), value_states.view(value_states.shape)
         setattr(k, _TAG, self)
         setattr(v, _TAG, self)
@@ -128,8 +146,8 @@ class MoBACacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.seqlens = self.block_sums = None
-        self.columns = 0
+        self.keys = self.values = self.seqlens = self.block_sums = self.offset = self.tail = None
+        self.columns = self.local_columns = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -144,7 +162,7 @@ class MoBACacheLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "seqlens", "block_sums"):
+            for name in _ROW_STATE:
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, t.repeat_interleave(repeats, dim=0))
@@ -153,7 +171,7 @@ class MoBACacheLayer(CacheLayerMixin):
 
     def _select(self, idx: torch.Tensor) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "seqlens", "block_sums"):
+            for name in _ROW_STATE:
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, t.index_select(0, idx.to(t.device)))
@@ -164,7 +182,8 @@ class MoBACacheLayer(CacheLayerMixin):
         have = self.keys.shape[1]
         if tokens <= have:
             return
-        want = max(tokens, self.max_cache_len or 0) if have == 0 else tokens
+        # max_cache_len counts a whole row, which a shard's local storage need not hold.
+        want = max(tokens, self.max_cache_len or 0) if have == 0 and self.offset is None else tokens
         cap = -(-want // self.grow_tokens) * self.grow_tokens
 
         def grown(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -174,7 +193,16 @@ class MoBACacheLayer(CacheLayerMixin):
 
         self.keys, self.values = grown(self.keys, cap), grown(self.values, cap)
         if self.block_sums is not None:
-            self.block_sums = grown(self.block_sums, cap // self.chunk_size)
+            # A shard may start inside a block: its local tokens then touch one block more.
+            extra = int(self.offset is not None)
+            self.block_sums = grown(self.block_sums, cap // self.chunk_size + extra)
+
+    def _block(self, row: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        """Local block-sum index of local position ``pos`` of ``row`` (None: every row)."""
+        if self.offset is None:
+            return pos // self.chunk_size
+        off = self.offset if row is None else self.offset[row]
+        return (off + pos) // self.chunk_size - off // self.chunk_size
 
     def append_packed(self, k: torch.Tensor, v: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> None:
         """Store packed tokens ``k, v [n, Hkv, D]`` at ``(row[i], pos[i])`` (int64 device ``[n]``;
@@ -184,7 +212,7 @@ class MoBACacheLayer(CacheLayerMixin):
         self.keys[row, pos] = k.to(self.keys.dtype)
         self.values[row, pos] = v.to(self.values.dtype)
         if self.block_sums is not None:
-            self.block_sums.index_put_((row, pos // self.chunk_size), k.to(SUM_DTYPE), accumulate=True)
+            self.block_sums.index_put_((row, self._block(row, pos)), k.to(SUM_DTYPE), accumulate=True)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None) -> None:
         """Append one token per row, ``k, v [B, Hkv, D]``, at position ``seqlens[b]``; rows where
@@ -199,8 +227,40 @@ class MoBACacheLayer(CacheLayerMixin):
             add = k.to(SUM_DTYPE)
             if real is not None:
                 add = add * real[:, None, None]
-            self.block_sums.index_put_((rows, pos // self.chunk_size), add, accumulate=True)
+            self.block_sums.index_put_((rows, self._block(None, pos)), add, accumulate=True)
         self.seqlens += 1 if real is None else real.to(torch.int32)
+
+    def fill_shard(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, local_slice: slice,
+                   group=None) -> None:
+        """Prefill inside ``context_parallel``: store this rank's slice ``k, v [n, Hkv, D]`` of
+        the packed stream (global ``cu_seqlens`` ``[N + 1]``, host) as a sharded cache of ``N``
+        rows, one per sequence (the layout of ``moba_dist.parallel.decode_cp``), and fold the
+        block sums cut by slice boundaries (one small ``all_gather`` over ``group``, MoBA layers
+        only, so every rank must fill every layer, in order).
+
+        The sequences must have one length (HF's cache length is one number per layer)."""
+        from ..parallel.decode_cp import fold_boundary_sums, slice_layout
+
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if len(set(lengths)) != 1:
+            raise ValueError(f"MoBACache in context_parallel: every row must have the same length, got "
+                             f"sequence lengths {lengths} (one sequence per row, no padding)")
+        off, n, tail = slice_layout(cu_seqlens, local_slice.start, local_slice.stop)
+        dev = k.device
+        rows = len(lengths)
+        self.offset, self.tail = off.to(dev), tail.to(dev)
+        self.columns, self.local_columns = lengths[0], int(n.max())
+        self.keys = k.new_zeros(rows, 0, *k.shape[1:])
+        self.values = v.new_zeros(rows, 0, *v.shape[1:])
+        self.seqlens = n.to(dev, torch.int32)
+        if self.block_sums is not None:
+            self.block_sums = torch.zeros(rows, 0, *k.shape[1:], dtype=SUM_DTYPE, device=dev)
+        self._reserve(self.local_columns)
+        row = torch.repeat_interleave(torch.arange(rows), n)
+        pos = torch.arange(len(row)) - torch.repeat_interleave(n.cumsum(0) - n, n)
+        self.append_packed(k, v, row.to(dev), pos.to(dev))
+        if self.block_sums is not None:
+            fold_boundary_sums(self.block_sums, self.offset, self.seqlens, self.chunk_size, group=group)
 
 
 class MoBACache(Cache):
@@ -232,15 +292,25 @@ class MoBACache(Cache):
 
 
 def decode_attention(layer: MoBACacheLayer, moba: MoBAConfig, q: torch.Tensor,
-                     softmax_scale: float | None) -> torch.Tensor:
+                     softmax_scale: float | None, group=None) -> torch.Tensor:
     """Attention of one new query per row, ``q [B, Hq, D]``, over ``layer``'s cache (its newest
     token already appended) -> ``[B, Hq, D]`` in q's dtype: MoBA decode, or exact attention over
     every stored token for a full layer.
 
-    Context-parallel decode hook: with the cache sharded over ranks, this is the place to call
-    ``moba_dist.parallel.decode_cp.moba_decode_cp`` instead (not wired yet).
+    A sharded layer (filled inside ``context_parallel``, :meth:`MoBACacheLayer.fill_shard`)
+    decodes over ``group`` (:func:`moba_dist.parallel.decode_cp.moba_decode_cp`, or
+    ``dense_decode_cp`` for a full layer): ``q`` must be the same on every rank, and every rank
+    gets the same output.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if layer.offset is not None:
+        from ..parallel.decode_cp import dense_decode_cp, moba_decode_cp
+
+        if layer.full:
+            return dense_decode_cp(q, layer.keys, layer.values, layer.seqlens, group=group,
+                                   softmax_scale=scale)
+        return moba_decode_cp(q, layer.keys, layer.values, layer.seqlens, layer.block_sums, layer.offset,
+                              moba.chunk_size, moba.topk, group=group, softmax_scale=scale)
     # A row with no token yet (its whole prompt padding, and a padding column now) attends to the
     # zero slot 0: a finite, unused output, instead of a softmax over nothing.
     seqlens = layer.seqlens.clamp(min=1)

@@ -84,6 +84,25 @@ def fold_boundary_sums(block_sums_local: torch.Tensor, seq_offset: torch.Tensor,
     block_sums_local[:, 0] += add.view(bsz, *block_sums_local.shape[2:])
 
 
+def slice_layout(cu_seqlens: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, ...]:
+    """How this rank's slice ``[start, end)`` of a packed stream (``cu_seqlens`` int ``[N + 1]``,
+    host) lays out as a sharded cache of ``N`` rows, one per sequence. Pure host arithmetic.
+
+    Returns int64 ``[N]`` each: ``seq_offset`` (global position in its sequence of the row's
+    first local token; for a sequence that ends before the slice, its length, for one that starts
+    after it, 0), ``n`` (tokens of the row in the slice), and bool ``[N]`` ``tail``: this rank
+    holds the row's last token, so it is the rank that appends the row's new tokens. The slice's
+    tokens are the rows' local tokens row after row."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    first, last = cu[:-1], cu[1:]
+    lo = first.clamp(min=start, max=end)
+    hi = last.clamp(min=start, max=end)
+    n = (hi - lo).clamp(min=0)
+    seq_offset = torch.where(n > 0, lo - first, torch.where(last <= start, last - first, 0))
+    tail = (last - 1 >= start) & (last - 1 < end)
+    return seq_offset, n, tail
+
+
 def _scorable(off: torch.Tensor, n: torch.Tensor, chunk: int) -> torch.Tensor:
     """Local blocks ``[0, count)`` whose last position this rank holds (complete blocks; the
     first one complete only after :func:`fold_boundary_sums`)."""
@@ -195,6 +214,22 @@ def local_attention(q, k_cache, v_cache, seq_offset, cache_seqlens_local, sel, q
     return torch.einsum("bhs,bhsd->bhd", prob, vals), lse
 
 
+def local_dense_attention(q, k_cache, v_cache, cache_seqlens_local, scale: float):
+    """Partial exact attention of the query over every key this rank holds (a full-attention
+    layer of a hybrid schedule): ``out [B, Hq, D]``, ``lse [B, Hq]`` as :func:`local_attention`."""
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    acc = accum_dtype(q.dtype)
+    qg = q.to(acc).view(bsz, hkv, hq // hkv, d)
+    s = torch.einsum("bkgd,blkd->bkgl", qg, k_cache.to(acc)) * scale
+    stored = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens_local.to(q.device)[:, None]
+    s = s.masked_fill(~stored[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    prob = torch.exp(s - torch.where(lse.isfinite(), lse, 0.0)[..., None])
+    out = torch.einsum("bkgl,blkd->bkgd", prob, v_cache.to(acc))
+    return out.reshape(bsz, hq, -1), lse.reshape(bsz, hq)
+
+
 def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Log-sum-exp merge of ``out [W, B, Hq, D]``, ``lse [W, B, Hq]`` over ranks (rank order)."""
     m = lse.max(0).values
@@ -251,9 +286,29 @@ def moba_decode_cp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         sel = torch.zeros(bsz, hq, 0, dtype=torch.int64, device=dev)
     out, lse = local_attention(q, k_cache, v_cache, seq_offset, cache_seqlens_local, sel,
                                length - 1, chunk, scale)
+    return _gather_merge(out, lse, group).to(q.dtype)
+
+
+def _gather_merge(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    d = out.shape[-1]
     parts = _all_gather(torch.cat([out, lse[..., None]], -1), group)  # [W, B, Hq, D + 1]
-    return merge_partials(parts[..., :d], parts[..., d]).to(q.dtype)
+    return merge_partials(parts[..., :d], parts[..., d])
 
 
-__all__ = ["fold_boundary_sums", "local_attention", "local_candidates", "merge_candidates",
-           "merge_partials", "moba_decode_cp"]
+@torch.no_grad()
+def dense_decode_cp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_seqlens_local: torch.Tensor, *, group=None,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """Exact attention of the newest token of each row over a cache sharded over ``group`` (the
+    full-attention layers of a hybrid schedule): ``q [B, Hq, D]`` replicated, ``k_cache, v_cache
+    [B, Lloc, Hkv, D]`` and ``cache_seqlens_local [B]`` as in :func:`moba_decode_cp` -> ``[B, Hq,
+    D]`` in q's dtype on every rank. Communicated: one ``all_gather`` of ``W x B x Hq x (D + 1)``
+    values."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out, lse = local_dense_attention(q, k_cache, v_cache, cache_seqlens_local, scale)
+    return _gather_merge(out, lse, group).to(q.dtype)
+
+
+__all__ = ["dense_decode_cp", "fold_boundary_sums", "local_attention", "local_candidates",
+           "local_dense_attention", "merge_candidates", "merge_partials", "moba_decode_cp",
+           "slice_layout"]
