@@ -403,6 +403,20 @@ def check_resumable(saved: dict, now: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def cudnn_builds() -> tuple[int, float]:
+    """cuDNN attention graphs built so far in this process and the seconds that took (0, 0.0
+    without the cuDNN backend): a step that builds graphs is not a steady-state step."""
+    from moba_dist.kernels import backend_installed, get_backend
+
+    if not (torch.cuda.is_available() and backend_installed("cudnn")):
+        return 0, 0.0
+    try:
+        info = get_backend(torch.device("cuda"), torch.bfloat16, 128, name="cudnn").cache_info()
+    except ValueError:  # installed, but cannot run here
+        return 0, 0.0
+    return info["builds"], info["build_seconds"]
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated GPU memory, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
@@ -494,6 +508,7 @@ def main(argv=None) -> dict:
 
         bar = tqdm(total=end, initial=min(start, end), desc="train", dynamic_ncols=True, file=sys.stderr)
     step_times, run_peak = [], 0
+    seen_builds = cudnn_builds()
     for step in range(start, end):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -528,7 +543,10 @@ def main(argv=None) -> dict:
         log.update(done, loss=loss, lr=run.lr_at(step), tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    peak_mem_gib=peak_memory_gib(device))
         if rank0 and device.type == "cuda":
-            print(f"[train] step {done}: {dt:.2f} s, peak {peak_memory_gib(device):.2f} GiB", flush=True)
+            builds = cudnn_builds()
+            print(f"[train] step {done}: {dt:.2f} s, peak {peak_memory_gib(device):.2f} GiB, cuDNN graphs "
+                  f"built {builds[0] - seen_builds[0]} ({builds[1] - seen_builds[1]:.1f} s)", flush=True)
+            seen_builds = builds
         if args.eval_every and done % args.eval_every == 0 and done < end:
             evaluate(done)
         if args.ckpt_dir and args.ckpt_every and done % args.ckpt_every == 0 and done < end:

@@ -544,3 +544,19 @@ def test_backward_uses_the_given_merged_lse(monkeypatch):
     got = (dqa.double() + dqb.double(), dka, dkb, dva, dvb)
     for a, b in zip(got, ref_grads):
         torch.testing.assert_close(a.double(), b, atol=3e-2, rtol=3e-2)
+
+
+def test_graph_cache_evicts_the_least_recently_used():
+    from moba_dist.kernels.cudnn_backend import CudnnBackend
+
+    be = CudnnBackend(max_graphs=2)
+    built = []
+
+    def get(key):
+        return be._plan("fwd", key, True, lambda variant: built.append(key) or key)
+
+    for key in ("a", "b", "a", "c", "a", "b"):
+        get(key)
+    # "a" was used again before "c" came, so "b" (not "a") made room; "b" is built a second time.
+    assert built == ["a", "b", "c", "b"]
+    assert set(be._graphs) == {"a", "b"}

@@ -439,7 +439,7 @@ class CudnnBackend:
 
     name = "cudnn"
 
-    def __init__(self, fallback: bool = True, max_graphs: int = 256, variant: Variant | str | None = None,
+    def __init__(self, fallback: bool = True, max_graphs: int = 1024, variant: Variant | str | None = None,
                  backend_only: bool | None = None):
         self.fallback = fallback
         self.max_graphs = max_graphs
@@ -537,13 +537,13 @@ class CudnnBackend:
         return h
 
     def _plan(self, kind: str, key: tuple, causal: bool, build) -> _Plan | None:
-        plan = self._graphs.get(key, False)
-        if plan is not False:
-            self.stats.hits += 1
-            return plan
+        # Least recently used graphs go first: a training step cycles through more shape classes
+        # than one call has (every layer's selection differs); evicting in build order can throw
+        # out graphs that every step needs, to be rebuilt (up to seconds each) step after step.
         with self._lock:
             plan = self._graphs.get(key, False)
             if plan is not False:
+                self._graphs.move_to_end(key)
                 self.stats.hits += 1
                 return plan
             self.stats.misses += 1
