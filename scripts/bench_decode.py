@@ -94,6 +94,22 @@ def graph_us(fn, iters: int) -> float:
     return median_us(g.replay, iters)
 
 
+def kernel_times(fn, iters: int) -> list[tuple[str, float]]:
+    """(kernel name, device us per call) of ``fn``'s kernels, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / iters)
+            for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    return sorted(rows, key=lambda r: -r[1])[:8]
+
+
 def build_sums(k_cache: torch.Tensor, chunk: int) -> torch.Tensor:
     bsz, lmax, hkv, d = k_cache.shape
     sums = torch.zeros(bsz, -(-lmax // chunk), hkv, d, dtype=torch.float64, device=k_cache.device)
@@ -139,6 +155,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs at 1M")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each kernel's device time per call at the longest cache (torch.profiler)")
     args = ap.parse_args()
     if args.smoke:
         smoke_sizes()
@@ -252,6 +270,16 @@ def main() -> None:
 
                 us = graph_us(fn, args.iters)
                 lines.append(f"| {chunk}/{topk} | {split_n} | {block_n} | {gp} | {us:.1f} |")
+
+    if args.profile and dev == "cuda":
+        lines += ["", f"Device time per call by kernel at the {lmax}-token cache (torch.profiler, "
+                  f"{args.iters} calls):", "", "| config | kernel | us per call |", "|---|---|---|"]
+        seqlens = torch.tensor([lmax], dtype=torch.int32, device=dev)
+        q = torch.randn(1, HQ, D, dtype=dtype, device=dev)
+        for chunk, topk in CONFIGS:
+            for name, us in kernel_times(lambda chunk=chunk, topk=topk: moba_decode_triton(
+                    q, k_cache, v_cache, seqlens, sums[chunk], chunk, topk), args.iters):
+                lines.append(f"| {chunk}/{topk} | {name} | {us:.1f} |")
 
     text = "\n".join(lines) + "\n"
     print(text)
