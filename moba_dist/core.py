@@ -182,6 +182,9 @@ class CoreMeta:
     pair_sel: torch.Tensor | None = None
     pair_ids: object | None = None
     pair_slots: int = 1  # partial results per row: topk - 1, plus one for a causal prefix
+    # Set: the varlen forward hands the backend its key segments in place (``kv_offsets``, one
+    # device: every segment one run of local rows) instead of gathering them per batch.
+    kv_in_place: bool = False
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -307,6 +310,15 @@ def head_major(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def token_rows(hm_rows: torch.Tensor, n: int, hkv: int) -> torch.Tensor:
     """Head-major rows ``g * n + t`` as rows ``t * Hkv + g`` of ``k.view(-1, D)``."""
     return hm_rows % max(n, 1) * hkv + hm_rows // max(n, 1)
+
+
+def kv_offsets(hm_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Element offsets from ``k[0, 0, 0]`` of head-major rows ``g * n + t`` of ``k [n, Hkv, D]``
+    (any strides): where a segment starting at that row begins, for a backend that reads
+    segments in place (``CudnnBackend.forward(kv_offsets=...)``)."""
+    n = max(k.shape[0], 1)
+    rows = hm_rows.long()
+    return rows % n * k.stride(0) + rows // n * k.stride(1)
 
 
 def _pool(recv: torch.Tensor, kv_hm: torch.Tensor) -> torch.Tensor:
@@ -509,11 +521,15 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         part_out = q.new_empty((r1 - r0) * slots, d)
         part_lse = lse.new_full(((r1 - r0) * slots,), float("-inf"))
         for b, ids in _window_pairs(meta, w, batches):
-            k_b, v_b = _segment_kv(recv, k, v, meta.seg_index[b.rows])
+            idx = meta.seg_index[b.rows]
+            if meta.kv_in_place:
+                kv, kw = (k, v), dict(kv_offsets=kv_offsets(idx[b.cu_k[:-1].long()], k))
+            else:
+                kv, kw = _segment_kv(recv, k, v, idx), {}
             with workspace_limit(kernel_share(meta.workspace)):
-                o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), k_b, v_b, b.cu_q, b.cu_k,
-                                                      b.max_q, meta.max_k_sel, meta.softmax_scale, False)
-            del k_b, v_b
+                o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), *kv, b.cu_q, b.cu_k, b.max_q,
+                                                      meta.max_k_sel, meta.softmax_scale, False, **kw)
+            del idx, kv, kw
             ids -= r0 * slots
             part_out.index_copy_(0, ids, o_sel[:, 0].to(part_out.dtype))
             part_lse.index_copy_(0, ids, lse_sel[0].to(part_lse.dtype))

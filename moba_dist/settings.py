@@ -16,6 +16,7 @@ KEEP_FETCHED_ENV = "MOBA_DIST_KEEP_FETCHED"
 RECORD_ENV = "MOBA_DIST_RECORD_SELECTION"
 BALANCE_ENV = "MOBA_DIST_GATE_BALANCE"
 GATE_ENV = "MOBA_DIST_GATE"
+KV_IN_PLACE_ENV = "MOBA_DIST_KV_IN_PLACE"
 
 _CHOICES = {
     "selected_kernel": ("auto", "triton", "varlen"),
@@ -45,6 +46,9 @@ class Settings:
             ``"0"`` never (context parallel only). ``$MOBA_DIST_GATE_BALANCE``.
         gate: ``"auto"`` (the fused Triton gate on CUDA) or ``"torch"`` (the pure-PyTorch gate
             everywhere). ``$MOBA_DIST_GATE``.
+        kv_in_place: on one device, the varlen selected part's forward reads its key segments in
+            place when the backend can (cuDNN: ragged offsets into ``k, v``), instead of
+            gathering them per batch. ``$MOBA_DIST_KV_IN_PLACE=0`` turns it off.
     """
 
     selected_kernel: str = "auto"
@@ -52,6 +56,7 @@ class Settings:
     record_selection: bool = False
     gate_balance: str = "auto"
     gate: str = "auto"
+    kv_in_place: bool = True
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -74,6 +79,7 @@ class Settings:
             record_selection=env.get(RECORD_ENV, "0") == "1",
             gate_balance=env.get(BALANCE_ENV, "auto"),
             gate=env.get(GATE_ENV, "auto"),
+            kv_in_place=env.get(KV_IN_PLACE_ENV, "1") not in ("0", "false", "False"),
         )
         names = {"selected_kernel": SELECTED_ENV, "gate_balance": BALANCE_ENV, "gate": GATE_ENV}
         for name, var in names.items():
@@ -82,4 +88,5 @@ class Settings:
         return cls(**values)
 
 
-__all__ = ["BALANCE_ENV", "GATE_ENV", "KEEP_FETCHED_ENV", "RECORD_ENV", "SELECTED_ENV", "Settings"]
+__all__ = ["BALANCE_ENV", "GATE_ENV", "KEEP_FETCHED_ENV", "KV_IN_PLACE_ENV", "RECORD_ENV", "SELECTED_ENV",
+           "Settings"]

@@ -134,3 +134,58 @@ def test_graph_cache_steady_state_and_no_host_sync(monkeypatch):
         b.backward(go, q, k, v, out, lse, cu, cu, max(lengths), max(lengths), scale, True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "hf-view"])
+def test_forward_reads_key_segments_in_place(be, strided):
+    """``kv_offsets`` (the varlen MoBA forward's key segments read in place from ``k, v [n, Hkv,
+    D]``, ragged offsets with a row stride of ``Hkv * D`` or ``D``) against the same segments
+    gathered into packed rows, and against the float64 reference."""
+    from moba_dist.core import kv_offsets
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, hkv, d = 5000, 4, 128
+    shape = (hkv, n, d) if strided else (n, hkv, d)
+    k, v = (torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    if strided:
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    assert be.kv_in_place_ok(k, v)
+    segs = [(0, 0, 1024), (3, 1024, 1024), (1, 2048, 1024), (2, 4096, 904), (0, 3072, 1024)]
+    lq = [700, 1, 130, 2000, 64]
+    q = torch.randn(sum(lq), 1, d, device="cuda", generator=g).to(torch.bfloat16)
+    cu_q, cu_k = cu_of(lq), cu_of([ln for *_, ln in segs])
+    hm = torch.tensor([h * n + t for h, t, _ in segs], device="cuda")
+    out, lse = be.forward(q, k, v, cu_q, cu_k, max(lq), 1024, 0.088, False, kv_offsets=kv_offsets(hm, k))
+    kp = torch.cat([k[t:t + ln, h] for h, t, ln in segs])[:, None].contiguous()
+    vp = torch.cat([v[t:t + ln, h] for h, t, ln in segs])[:, None].contiguous()
+    want, want_lse = be.forward(q, kp, vp, cu_q, cu_k, max(lq), 1024, 0.088, False)
+    assert_close_rel(out, want.double(), 1e-2, "out vs gathered")
+    assert_close_rel(lse, want_lse.double(), 1e-4, "lse vs gathered")
+    ref, ref_lse = reference(q.double(), kp.double(), vp.double(), lq, [ln for *_, ln in segs], 0.088, False)
+    assert_close_rel(out, ref, 2e-2, "out vs reference")
+    assert_close_rel(lse, ref_lse, 1e-3, "lse vs reference")
+
+
+def test_moba_varlen_forward_in_place_matches_gather_and_reference(be, monkeypatch):
+    """One device, varlen selected part on cuDNN: the forward with key segments read in place
+    equals the per-batch gather (``MOBA_DIST_KV_IN_PLACE=0``) to rounding and the float64 dense
+    reference, also on an HF-style strided view."""
+    import moba_dist
+    from moba_dist.reference import moba_attn_varlen_reference
+
+    monkeypatch.setenv("MOBA_DIST_SELECTED_KERNEL", "varlen")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    lens, hq, hkv, d, chunk, topk = [1500, 1200], 16, 4, 128, 128, 4
+    t = sum(lens)
+    cu = cu_of(lens)
+    q, k, v = (torch.randn(t, h, d, device="cuda", generator=g).to(torch.bfloat16) for h in (hq, hkv, hkv))
+    ref = moba_attn_varlen_reference(q.double(), k.double(), v.double(), cu, chunk, topk)
+    hf = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v)]
+    with torch.no_grad():
+        for inputs in ((q, k, v), hf):
+            monkeypatch.delenv("MOBA_DIST_KV_IN_PLACE", raising=False)
+            got = moba_dist.moba_attn_varlen(*inputs, cu, max(lens), chunk, topk)
+            monkeypatch.setenv("MOBA_DIST_KV_IN_PLACE", "0")
+            gathered = moba_dist.moba_attn_varlen(*inputs, cu, max(lens), chunk, topk)
+            assert_close_rel(got, gathered.double(), 1e-2, "in place vs gathered")
+            assert_close_rel(got, ref, 2e-2, "in place vs reference")

@@ -335,7 +335,7 @@ class FakeGraph:
     def _rows(self, pack, t, b, n):
         """View ``[H, n, D]`` of batch ``b``'s first ``n`` rows of tensor ``t`` in its buffer."""
         buf = pack[t.uid]
-        assert buf.is_contiguous()
+        assert buf.stride(-1) == 1
         base = int(pack[t.ragged.uid].reshape(-1)[b]) if t.ragged is not None else b * t.stride[0]
         h, d = t.dim[1], t.dim[3]
         if n:
@@ -560,3 +560,78 @@ def test_graph_cache_evicts_the_least_recently_used():
     # "a" was used again before "c" came, so "b" (not "a") made room; "b" is built a second time.
     assert built == ["a", "b", "c", "b"]
     assert set(be._graphs) == {"a", "b"}
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "head-major-view"])
+def test_forward_reads_key_segments_in_place(monkeypatch, strided):
+    """``kv_offsets``: segments of ``k, v [n, Hkv, D]`` addressed in place give what the same
+    segments gathered into packed rows give (on the fake cuDNN, which reads the offsets and
+    strides it is handed), and the graph is keyed by the row stride."""
+    from moba_dist.core import kv_offsets
+
+    fake = FakeCudnn()
+    be = fake_backend(monkeypatch, fake)
+    g = torch.Generator().manual_seed(3)
+    n, hkv, d = 40, 3, 16
+    shape = (hkv, n, d) if strided else (n, hkv, d)
+    k, v = (torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(2))
+    if strided:  # an HF layer's [B, H, S, D] transposed: token rows D apart, heads n * D apart
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    assert be.kv_in_place_ok(k, v)
+    # (kv head, first token, length) of each segment, and queries per segment.
+    segs = [(0, 0, 8), (2, 8, 8), (1, 24, 16), (2, 32, 5)]
+    lq = [3, 5, 1, 4]
+    q = torch.randn(sum(lq), 1, d, generator=g).to(torch.bfloat16)
+    cu_q = cu_of(lq)
+    cu_k = cu_of([ln for _, _, ln in segs])
+    hm = torch.tensor([h * n + t for h, t, _ in segs])
+    offsets = kv_offsets(hm, k)
+    out, lse = be.forward(q, k, v, cu_q, cu_k, max(lq), 16, 0.25, False, kv_offsets=offsets)
+    kp = torch.cat([k[t:t + ln, h] for h, t, ln in segs])[:, None]
+    vp = torch.cat([v[t:t + ln, h] for h, t, ln in segs])[:, None]
+    want, want_lse = be.forward(q, kp, vp, cu_q, cu_k, max(lq), 16, 0.25, False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    keys = list(be._graphs)
+    assert len(keys) == 2 and keys[0][-1] == k.stride(0) and keys[1][-1] == 0
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "hf-view"])
+def test_moba_varlen_forward_with_segments_in_place(monkeypatch, strided):
+    """The varlen selected part on one device hands the backend its key segments in place
+    (``CoreMeta.kv_in_place``): the same outputs as with the per-batch gather
+    (``MOBA_DIST_KV_IN_PLACE=0``), bitwise, and as the dense reference, on the fake cuDNN."""
+    import moba_dist
+    import moba_dist.parallel.moba_cp as moba_cp
+    from moba_dist.reference import moba_attn_varlen_reference
+
+    fake = FakeCudnn()
+    be = fake_backend(monkeypatch, fake)
+    monkeypatch.setattr(moba_cp, "get_backend", lambda *a, **kw: be)
+    # float32 (the CPU dtypes): the stand-in computes in float64 whatever the declared dtype.
+    monkeypatch.setattr("moba_dist.kernels.cudnn_backend._cudnn_dtype", lambda cudnn, dtype: "FLOAT")
+    calls = []
+    real_forward = be.forward
+
+    def spy(*args, **kw):
+        calls.append(kw.get("kv_offsets") is not None)
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(be, "forward", spy)
+    g = torch.Generator().manual_seed(0)
+    lens, hq, hkv, d, chunk, topk = [70, 45], 4, 2, 16, 8, 3
+    t = sum(lens)
+    cu = cu_of(lens)
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv))  # float32: CPU dtypes
+    if strided:  # HF's [1, H, S, D] transposed: token rows are not (token, head)-contiguous
+        q, k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))
+    with torch.no_grad():
+        out = moba_dist.moba_attn_varlen(q, k, v, cu, max(lens), chunk, topk)
+        assert any(calls)
+        calls.clear()
+        monkeypatch.setenv("MOBA_DIST_KV_IN_PLACE", "0")
+        gathered = moba_dist.moba_attn_varlen(q, k, v, cu, max(lens), chunk, topk)
+        assert calls and not any(calls)
+    assert torch.equal(out, gathered)
+    ref = moba_attn_varlen_reference(q.double(), k.double(), v.double(), cu, chunk, topk)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

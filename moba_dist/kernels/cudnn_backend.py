@@ -251,10 +251,10 @@ def candidate_variants(causal: bool, preferred: Variant | None = None,
 
 def graph_key(kind: str, cls: ShapeClass, hq: int, hkv: int, head_dim: int, dtype: torch.dtype,
               causal: bool, softmax_scale: float, device_index: int,
-              deterministic: bool = False) -> tuple:
+              deterministic: bool = False, kv_row_stride: int = 0) -> tuple:
     """Cache key of one graph: everything the graph bakes in, nothing that varies per call."""
     return (kind, cls, hq, hkv, head_dim, dtype, bool(causal), float(softmax_scale), device_index,
-            bool(deterministic))
+            bool(deterministic), int(kv_row_stride))
 
 
 # Operand ids in the variant pack. The ragged offsets that a shared variant folds into off_q /
@@ -301,9 +301,10 @@ class _GraphBuilder:
     """Declares the tensors of one graph in packed ``[T, H, D]`` layout with ragged offsets."""
 
     def __init__(self, cudnn, handle, cls: ShapeClass, hq: int, hkv: int, d: int,
-                 dtype: torch.dtype, variant: Variant, backend_only: bool = False):
+                 dtype: torch.dtype, variant: Variant, backend_only: bool = False, kv_row_stride: int = 0):
         self.cudnn, self.cls, self.hq, self.hkv, self.d, self.variant = cudnn, cls, hq, hkv, d, variant
         self.backend_only = backend_only
+        self.kv_row_stride = kv_row_stride  # set: one kv head, its rows this many elements apart
         self.io = _cudnn_dtype(cudnn, dtype)
         f32 = cudnn.data_type.FLOAT
         self.g = cudnn.pygraph(io_data_type=self.io, intermediate_data_type=f32, compute_data_type=f32,
@@ -330,6 +331,8 @@ class _GraphBuilder:
         b, d = self.cls.batch, self.d
         h, s = (self.hq, self.cls.seqlen_q) if side == "q" else (self.hkv, self.cls.seqlen_k)
         # The batch stride is a placeholder: the ragged offset gives every batch's base.
+        if side == "k" and self.kv_row_stride:
+            return [b, 1, s, d], [s * self.kv_row_stride, d, self.kv_row_stride, 1]
         return [b, h, s, d], [s * h * d, d, h * d, 1]
 
     def input(self, name: str, side: str, source: str):
@@ -369,8 +372,9 @@ class _GraphBuilder:
         return _Plan(g, int(g.get_workspace_size()), self.variant, dict(self.binds), engine)
 
 
-def _build_forward(cudnn, handle, cls, hq, hkv, d, dtype, scale, variant, backend_only) -> _Plan:
-    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant, backend_only)
+def _build_forward(cudnn, handle, cls, hq, hkv, d, dtype, scale, variant, backend_only,
+                   kv_row_stride: int = 0) -> _Plan:
+    b = _GraphBuilder(cudnn, handle, cls, hq, hkv, d, dtype, variant, backend_only, kv_row_stride)
     q = b.input("q", "q", "off_q")
     k = b.input("k", "k", "off_kv")
     v = b.input("v", "k", "off_kv")
@@ -432,6 +436,23 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     return x
+
+
+def _segments_of(k: torch.Tensor, v: torch.Tensor, kv_offsets: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """The keys and values that ``kv_offsets`` addresses, gathered as packed ``[Tk, 1, D]`` (for
+    a fallback backend, which reads packed segments only)."""
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    first = torch.repeat_interleave(kv_offsets.long(), lens)
+    start = torch.repeat_interleave(cu_seqlens_k[:-1].long(), lens)
+    elem = first + (torch.arange(first.numel(), device=first.device) - start) * k.stride(0)
+    cols = torch.arange(k.shape[-1], device=k.device)
+
+    def take(x):
+        flat = torch.as_strided(x, (x.untyped_storage().nbytes() // x.element_size() - x.storage_offset(),),
+                                (1,))
+        return flat[elem[:, None] + cols].unsqueeze(1)
+
+    return take(k), take(v)
 
 
 class CudnnBackend:
@@ -617,10 +638,29 @@ class CudnnBackend:
             return torch.device("cuda", torch.cuda.current_device())
         return q.device
 
+    def kv_in_place_ok(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether :meth:`forward` can read segments of ``k, v [n, Hkv, D]`` in place
+        (``kv_offsets``): same strides, unit-stride rows 16-byte aligned at every token and head."""
+        align = 16 // k.element_size()
+        return (k.dtype == v.dtype and k.stride() == v.stride() and k.stride(-1) == 1
+                and k.stride(0) % align == 0 and k.stride(1) % align == 0
+                and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0)
+
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, causal):
+                softmax_scale, causal, kv_offsets: torch.Tensor | None = None):
+        """:class:`~moba_dist.kernels.base.AttnBackend` forward. With ``kv_offsets`` (int64
+        ``[segments]``), one kv head, read in place: segment ``s``'s keys are the rows
+        ``kv_offsets[s] + i * k.stride(0)`` (elements from ``k``'s first element; ``i <`` the
+        segment's length in ``cu_seqlens_k``) of ``k``'s storage, likewise for ``v``, so a
+        caller hands over segments of ``k, v [n, Hkv, D]`` without gathering them (check
+        :meth:`kv_in_place_ok` first); ``q`` is then ``[Tq, 1, D]``."""
         tq, hq, d = q.shape
         tk, hkv = k.shape[0], k.shape[1]
+        row_stride = 0
+        if kv_offsets is not None:
+            if hq != 1 or not self.kv_in_place_ok(k, v):
+                raise ValueError("kv_offsets: one query head, and k, v laid out as kv_in_place_ok() accepts")
+            row_stride, hkv = k.stride(0), 1
         n_seg = cu_seqlens_q.numel() - 1
         out = torch.zeros(tq, hq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse_rows = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -631,23 +671,31 @@ class CudnnBackend:
         dev = self._device(q)
         cudnn = self._require()
         cls = shape_class(n_seg, max_seqlen_q, max_seqlen_k)
-        key = graph_key("fwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index)
+        key = graph_key("fwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index,
+                        kv_row_stride=row_stride)
 
         def build(variant):
             with _on(dev):
                 return _build_forward(cudnn, self._handle(dev), cls, hq, hkv, d, q.dtype, softmax_scale,
-                                      variant, self.backend_only)
+                                      variant, self.backend_only, row_stride)
 
         plan = self._plan("fwd", key, causal, build)
         if plan is None:
+            if kv_offsets is not None:
+                k, v = _segments_of(k, v, kv_offsets, cu_seqlens_k)
             return self._fallback().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, softmax_scale, causal)
         meta = ragged_metadata(cu_seqlens_q, cu_seqlens_k, cls.batch, hq, hkv, d, causal)
+        if kv_offsets is not None:
+            # Padding batches (no keys) point at the first segment: any in-bounds base will do.
+            pad = kv_offsets[:1].expand(cls.batch + 1 - n_seg)
+            meta = meta._replace(off_kv=torch.cat([kv_offsets.to(torch.int64), pad]).view(-1, 1, 1, 1))
+        else:
+            k, v = _prep(k), _prep(v)
         ragged = plan.variant.stats == "ragged"
         stats = lse_rows if ragged else torch.empty(cls.batch, hq, cls.seqlen_q, 1, dtype=torch.float32,
                                                     device=q.device)
-        self._execute(plan, dict(q=_prep(q), k=_prep(k), v=_prep(v), o=out, stats=stats,
-                                 **meta._asdict()), dev)
+        self._execute(plan, dict(q=_prep(q), k=k, v=v, o=out, stats=stats, **meta._asdict()), dev)
         if not ragged:
             lse_rows = gather_padded_stats(stats, *row_positions(cu_seqlens_q, meta.q_start, tq))
         return out, lse_rows.t().contiguous()

@@ -321,6 +321,12 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
+        be = get_backend(dev, q.dtype, d, backend)
+        # One device: every key segment is one run of local rows, which a backend that takes
+        # segment offsets reads in place (no per-batch K/V gather in forward).
+        in_place_ok = getattr(be, "kv_in_place_ok", None)
+        kv_in_place = (not fused and comm is None and settings.kv_in_place and in_place_ok is not None
+                       and bool(in_place_ok(k, v)))
         send_index = expand_ranges(runs[0], runs[1], sum(fp.send_splits))
         # Pool rows fit int32 (kept for backward: half the bytes of int64).
         seg_index = expand_ranges(runs[2], runs[3], num_rows).to(torch.int32)
@@ -335,9 +341,10 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             max_k_sel=chunk,
             fetch=KVFetch(comm, send_index, fp.send_splits, fp.recv_splits, k.dtype),
             softmax_scale=softmax_scale,
-            backend=get_backend(dev, q.dtype, d, backend),
+            backend=be,
             keep_fetched=keep_fetched,
             fused=fused,
+            kv_in_place=kv_in_place,
             overlaps=bool(lp.prefix_len),
             workspace=budget,
             window_rows=window,
