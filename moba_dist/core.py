@@ -24,7 +24,7 @@ gradients for each key set (see ``kernels/base.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.profiler import record_function
@@ -32,6 +32,7 @@ from torch.profiler import record_function
 from .kernels import AttnBackend, accum_dtype, index_add_rows, merge_slots
 from .memory import workspace_limit
 from .parallel.comm import Comm
+from .parallel.plan import expand_ranges
 from .settings import SELECTED_ENV, Settings
 
 
@@ -40,11 +41,14 @@ class SelBatch:
     """A run of consecutive selected-part segments processed together (bounds memory)."""
 
     pairs: slice  # of the plan's pairs, in segment order (see CoreMeta.pair_ids)
-    rows: slice  # into seg_index
+    rows: slice  # the key rows of its segments, numbered over all segments in plan order
     cu_q: torch.Tensor  # int32 [segments + 1], relative to the batch
     cu_k: torch.Tensor
     max_q: int
     window: int = 0  # the query window (``CoreMeta.window_rows`` tokens) every pair lies in
+    segs: slice = field(default_factory=lambda: slice(0, 0))  # its segments, in plan order
+    # Into CoreMeta.run_start/run_len: the pool runs of its segments.
+    runs: slice = field(default_factory=lambda: slice(0, 0))
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class CoreMeta:
 
     cu_self: torch.Tensor  # int32 [P + 1]: the local block parts (self part, causal)
     max_self: int
-    seg_index: torch.Tensor  # int32 [rows] pool rows of every key segment, in segment order
+    seg_index: torch.Tensor  # int32 [rows] pool rows of every key segment, in segment order (fused)
     sel_batches: list[SelBatch]
     max_k_sel: int
     fetch: KVFetch
@@ -185,6 +189,10 @@ class CoreMeta:
     # Set: the varlen forward hands the backend its key segments in place (``kv_offsets``, one
     # device: every segment one run of local rows) instead of gathering them per batch.
     kv_in_place: bool = False
+    # The varlen path's key segments as runs of pool rows, int32 (a batch's ``runs``), expanded
+    # per batch: no table of every segment's rows is kept (4096/12 at 1M: 0.57 GiB).
+    run_start: torch.Tensor | None = None
+    run_len: torch.Tensor | None = None
 
 
 def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pair_bytes: int,
@@ -228,6 +236,7 @@ def sel_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, budget: int, pa
             cu_q=cu_q.to(torch.int32),
             cu_k=cu_k.to(torch.int32),
             max_q=int(p_len[a:b].max()),
+            segs=slice(int(s[0]), int(s[-1]) + 1),
         ))
         a = b
     return batches
@@ -267,7 +276,8 @@ def window_batches(seg_counts: torch.Tensor, seg_len: torch.Tensor, seg_win: tor
         p0, r0 = int(pair_cu[a]), int(row_cu[a])
         for x in sel_batches(seg_counts[a:b], seg_len[a:b], budget, pair_bytes, key_bytes):
             batches.append(replace(x, pairs=slice(x.pairs.start + p0, x.pairs.stop + p0),
-                                   rows=slice(x.rows.start + r0, x.rows.stop + r0), window=w))
+                                   rows=slice(x.rows.start + r0, x.rows.stop + r0), window=w,
+                                   segs=slice(x.segs.start + a, x.segs.stop + a)))
     return batches
 
 
@@ -374,7 +384,7 @@ class MoBACore(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-_PLAN_FIELDS = ("cu_self", "seg_index", "pair_sel")
+_PLAN_FIELDS = ("cu_self", "seg_index", "pair_sel", "run_start", "run_len")
 _FUSED_FIELDS = ("sel", "seg_start", "seg_len", "grad_start", "offset", "head_offset")
 
 
@@ -521,15 +531,14 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         part_out = q.new_empty((r1 - r0) * slots, d)
         part_lse = lse.new_full(((r1 - r0) * slots,), float("-inf"))
         for b, ids in _window_pairs(meta, w, batches):
-            idx = meta.seg_index[b.rows]
-            if meta.kv_in_place:
-                kv, kw = (k, v), dict(kv_offsets=kv_offsets(idx[b.cu_k[:-1].long()], k))
+            if meta.kv_in_place:  # one run per segment
+                kv, kw = (k, v), dict(kv_offsets=kv_offsets(meta.run_start[b.runs], k))
             else:
-                kv, kw = _segment_kv(recv, k, v, idx), {}
+                kv, kw = _segment_kv(recv, k, v, _batch_rows(meta, b)), {}
             with workspace_limit(kernel_share(meta.workspace)):
                 o_sel, lse_sel = meta.backend.forward(_pick(q, ids // slots), *kv, b.cu_q, b.cu_k, b.max_q,
                                                       meta.max_k_sel, meta.softmax_scale, False, **kw)
-            del idx, kv, kw
+            del kv, kw
             ids -= r0 * slots
             part_out.index_copy_(0, ids, o_sel[:, 0].to(part_out.dtype))
             part_lse.index_copy_(0, ids, lse_sel[0].to(part_lse.dtype))
@@ -537,6 +546,12 @@ def _selected_forward(q, k, v, recv, out, lse, meta: CoreMeta):
         merge_slots(part_out, part_lse, slots, out, lse, r0 // hq)
         del part_out, part_lse
     return out.to(q.dtype), lse
+
+
+def _batch_rows(meta: CoreMeta, b: SelBatch) -> torch.Tensor:
+    """Pool rows (int64) of batch ``b``'s key segments, in order, from the plan's runs."""
+    return expand_ranges(meta.run_start[b.runs].long(), meta.run_len[b.runs].long(),
+                         b.rows.stop - b.rows.start)
 
 
 def _by_window(meta: CoreMeta):
@@ -594,7 +609,7 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
             dq_w = dq_rows[r0:r1].to(acc)
             for b, ids in _window_pairs(meta, w, batches):
                 rows = ids // meta.pair_slots
-                idx = meta.seg_index[b.rows]
+                idx = _batch_rows(meta, b)
                 k_b, v_b = _segment_kv(recv, k, v, idx)
                 with workspace_limit(kernel_share(meta.workspace)):
                     dq_b, dk_b, dv_b = meta.backend.backward(

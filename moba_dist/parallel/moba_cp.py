@@ -318,7 +318,11 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
                                counts_dev, seg_counts)
             # int16 holds every block id (and -1) below 2**15 blocks: half the bytes kept.
             pair_sel = sel.to(torch.int16) if nblk < 2**15 else sel
-            batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32))
+            # Each batch's pool runs: the runs of its segments (several per segment only when a
+            # segment's rows come from several ranks).
+            run_cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(n_pieces[base], 0)]).tolist()
+            batches = [replace(b, cu_q=cu_q.to(torch.int32), cu_k=cu_k.to(torch.int32),
+                               runs=slice(run_cu[b.segs.start], run_cu[b.segs.stop]))
                        for b, cu_q, cu_k in zip(batches, cus[0::2], cus[1::2])]
             fused = None
         be = get_backend(dev, q.dtype, d, backend)
@@ -326,10 +330,14 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
         # segment offsets reads in place (no per-batch K/V gather in forward).
         in_place_ok = getattr(be, "kv_in_place_ok", None)
         kv_in_place = (not fused and comm is None and settings.kv_in_place and in_place_ok is not None
-                       and bool(in_place_ok(k, v)))
+                       and piece_seg.numel() == seg_len.numel() and bool(in_place_ok(k, v)))
         send_index = expand_ranges(runs[0], runs[1], sum(fp.send_splits))
-        # Pool rows fit int32 (kept for backward: half the bytes of int64).
-        seg_index = expand_ranges(runs[2], runs[3], num_rows).to(torch.int32)
+        run_start = run_len = None
+        if fused:  # the fused kernel's segment-major rows: pool rows fit int32 (kept for backward)
+            seg_index = expand_ranges(runs[2], runs[3], num_rows).to(torch.int32)
+        else:  # expanded per batch (core._batch_rows)
+            seg_index = torch.empty(0, dtype=torch.int32, device=dev)
+            run_start, run_len = runs[2].to(torch.int32), runs[3].to(torch.int32)
         meta = CoreMeta(
             cu_self=tables["cu_self"],
             max_self=int(lp.part_len.max()) if n else 0,
@@ -345,6 +353,8 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
             keep_fetched=keep_fetched,
             fused=fused,
             kv_in_place=kv_in_place,
+            run_start=run_start,
+            run_len=run_len,
             overlaps=bool(lp.prefix_len),
             workspace=budget,
             window_rows=window,
