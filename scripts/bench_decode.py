@@ -258,8 +258,8 @@ def main() -> None:
         seqlens = torch.tensor([lmax], dtype=torch.int32, device=dev)
         q = torch.randn(1, HQ, D, dtype=dtype, device=dev)
         for chunk, topk in CONFIGS:
-            for split_n, block_n, gp in ((256, 64, 32), (512, 64, 32), (512, 128, 32), (1024, 128, 32),
-                                         (512, 64, 16), (512, 64, 64), (512, 64, 128)):
+            for split_n, block_n, gp in ((256, 64, 64), (1024, 128, 64), (512, 64, 32), (512, 64, 64),
+                                         (512, 64, 128), (512, 64, 256), (512, 64, 512)):
                 if chunk <= split_n and split_n != 512:
                     continue  # one split per block anyway
                 cfg = DecodeConfig(split_n=split_n, block_n=block_n, gate_programs=gp)
