@@ -86,7 +86,10 @@ def moba_attn_varlen(
     keeps it in int16 and rebuilds each window's pair ids from it), and, in
     backward, the gradients themselves (float32 ``dq`` on the varlen path, float32 key/value
     gradients on the fused path). The fused kernel reads ``k, v`` where they are (any strides,
-    the same for both; otherwise one head-major copy).
+    the same for both; otherwise one head-major copy); so does the varlen path's forward on the
+    cuDNN backend (ragged offsets into ``k, v``; ``Settings.kv_in_place``), whose backward
+    gathers each batch's key segments. The varlen plan keeps its key segments as runs of rows
+    (a few int32 per segment), expanded batch by batch.
     Nothing is ``O(T^2)``, no mask is built, and the only Python loops run over memory-bounded
     tiles and batches.
 
