@@ -635,3 +635,21 @@ def test_moba_varlen_forward_with_segments_in_place(monkeypatch, strided):
     assert torch.equal(out, gathered)
     ref = moba_attn_varlen_reference(q.double(), k.double(), v.double(), cu, chunk, topk)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_segments_of_gathers_what_the_offsets_address():
+    """The fallback of an in-place forward (no cuDNN graph builds): ``_segments_of`` gathers the
+    rows that ``kv_offsets`` address, also from a strided view."""
+    from moba_dist.core import kv_offsets
+    from moba_dist.kernels.cudnn_backend import _segments_of
+
+    n, hkv, d = 30, 3, 8
+    base = torch.randn(hkv, n, d)
+    k = base.transpose(0, 1)  # [n, Hkv, D], heads n * D apart
+    v = (base * 2).transpose(0, 1)
+    segs = [(2, 5, 7), (0, 0, 4), (1, 20, 10)]
+    hm = torch.tensor([h * n + t for h, t, _ in segs])
+    cu = cu_of([ln for *_, ln in segs])
+    kp, vp = _segments_of(k, v, kv_offsets(hm, k), cu)
+    assert torch.equal(kp[:, 0], torch.cat([k[t:t + ln, h] for h, t, ln in segs]))
+    assert torch.equal(vp[:, 0], torch.cat([v[t:t + ln, h] for h, t, ln in segs]))
