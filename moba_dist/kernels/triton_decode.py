@@ -468,6 +468,15 @@ def _launch_gate(q, seqlens, block_sums, chunk: int, sz: _Shapes) -> torch.Tenso
     return cand
 
 
+def top_keys(cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of each head's packed candidate keys ``[B, Hq, C]`` (distinct, so the order
+    is exact): ``(keys int64, block ids int64 with -1 where a key is a slot sentinel)``, each
+    ``[B, Hq, k]``, best first."""
+    top = cand.topk(k, dim=-1).values
+    blocks = torch.where(top > -(2**63) + 2**29, 2**31 - 1 - (top & 0xFFFFFFFF), -1)
+    return top, blocks
+
+
 def decode_selection_triton(q: torch.Tensor, cache_seqlens: torch.Tensor, block_sums: torch.Tensor,
                             moba_chunk_size: int, moba_topk: int, *,
                             config: DecodeConfig | None = None) -> torch.Tensor:
@@ -484,9 +493,7 @@ def decode_selection_triton(q: torch.Tensor, cache_seqlens: torch.Tensor, block_
     if sz.topk1 == 0:
         return torch.empty(sz.bsz, sz.hq, 0, dtype=torch.int64, device=q.device)
     cand = _launch_gate(q, cache_seqlens.contiguous(), block_sums, moba_chunk_size, sz)
-    top = cand.topk(sz.topk1, dim=-1).values  # keys are distinct per head: order is exact
-    low = (top & 0xFFFFFFFF).to(torch.int64)
-    return torch.where(top > -(2**63) + 2**29, 2**31 - 1 - low, -1)
+    return top_keys(cand, sz.topk1)[1]
 
 
 def moba_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -512,7 +519,7 @@ def moba_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     cand = _launch_gate(q, seqlens, block_sums, chunk, sz)
     # The best topk - 1 of every head's candidates, once (the attention programs of a kv head
     # all need them): keys are distinct per head, so the order is exact.
-    top = cand.topk(sz.topk1, dim=-1).values if sz.topk1 else cand
+    top = top_keys(cand, sz.topk1)[0] if sz.topk1 else cand
     slots = sz.group * sz.topk1 + 1
     entries = slots * sz.nsplit
     wo = torch.empty(sz.bsz * sz.hkv * entries * sz.gp, sz.d, dtype=torch.float32, device=dev)

@@ -134,15 +134,14 @@ def _candidates_triton(q, sums, count, chunk: int, k: int):
     """As :func:`_candidates_torch` with the Triton decode gate (the arithmetic of the training
     path's ``gate_topk`` on CUDA): the gate kernel of ``kernels/triton_decode.py`` run on the
     local sums, as if the row's own block were local block ``count``."""
-    from ..kernels.triton_decode import DecodeConfig, _launch_gate, _Shapes
+    from ..kernels.triton_decode import DecodeConfig, _launch_gate, _Shapes, top_keys
 
     bsz, hq, _ = q.shape
     fake_seqlens = (count * chunk + 1).to(torch.int32)
     sz = _Shapes(q, sums.shape[1] * chunk + 1, sums, chunk, k + 1, DecodeConfig())
     cand = _launch_gate(q, fake_seqlens, sums.contiguous(), chunk, sz)
-    top = cand.topk(k, dim=-1).values
-    real = top > -(2**63) + 2**29
-    ids = torch.where(real, 2**31 - 1 - (top & 0xFFFFFFFF), -1)
+    top, ids = top_keys(cand, k)
+    real = ids >= 0
     o = (top >> 32).to(torch.int32)  # the ordered score bits (triton_gate._ordered)
     bits = torch.where(o < 0, o ^ 0x7FFFFFFF, o)
     score = torch.where(real, bits.view(torch.float32).to(SUM_DTYPE), float("-inf"))
