@@ -61,6 +61,7 @@ CASES = [
     ([45], 48, 4, 2, 16, 16, 3, td.DecodeConfig(split_n=16, block_n=16, gate_programs=2)),
     ([61, 30], 64, 8, 2, 32, 2, 5, td.DecodeConfig(gate_programs=3)),  # G 4, many gate programs
     ([23], 24, 6, 2, 16, 4, 9, None),  # G 3 (padded to 4), topk covers the length
+    ([70, 40], 72, 4, 2, 16, 6, 3, None),  # the gate with a chunk that is not a power of 2
     # 152 blocks = 5 gate tiles dealt to 2 programs (3 and 2 tiles), and to 5 programs.
     ([300, 150, 70], 304, 4, 2, 16, 2, 5, td.DecodeConfig(gate_programs=2)),
     ([300, 150, 70], 304, 4, 2, 16, 2, 5, None),
@@ -112,16 +113,44 @@ def test_triton_decode_bf16_split_path():
     assert (out.cpu().float() - ref.float()).abs().max().item() < 2e-2
 
 
-def test_split3_matches_split_bf16x3():
+@pytest.mark.parametrize("chunk", [1, 2, 6, 100, 128, 4096])
+def test_block_means_equal_gating(chunk):
+    """The kernel's block means (a product with ``1 / chunk`` for powers of two, a float64
+    division otherwise) are ``gating.block_means``'s, bit for bit, on sums of any magnitude."""
+    import triton
+    import triton.language as tl
+
+    from moba_dist.gating import block_means
+
+    @triton.jit
+    def mean_kernel(s_ptr, o_ptr, chunk, inv_chunk, N: tl.constexpr, POW2: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, td._mean(tl.load(s_ptr + i), chunk, inv_chunk, POW2))
+
+    g = torch.Generator().manual_seed(chunk)
+    sums = torch.randn(4096, generator=g, dtype=torch.float64) * torch.logspace(-300, 300, 4096,
+                                                                               dtype=torch.float64)
+    sums[:3] = torch.tensor([5e-324, -1e-310, 1.7e308], dtype=torch.float64)  # subnormal, huge
+    o = torch.empty(4096, device=DEV)
+    mean_kernel[(1,)](sums.to(DEV), o, chunk, 1.0 / chunk, N=4096, POW2=(chunk & (chunk - 1)) == 0)
+    want = block_means(sums.view(-1, 1, 1), torch.full((4096,), chunk), torch.float32).view(-1)
+    assert torch.equal(o.cpu(), want)
+
+
+@pytest.mark.parametrize("integer_rounding", [True, pytest.param(False, marks=pytest.mark.gpu)])
+def test_split3_matches_split_bf16x3(integer_rounding):
+    """Both ways of rounding to bf16 in the kernel (integer arithmetic, which the interpreter
+    needs, and the GPU's cast: a GPU test, the interpreter truncates casts) give
+    ``split_bf16x3``'s split."""
     import triton
     import triton.language as tl
 
     from moba_dist.kernels.triton_gate import split_bf16x3
 
     @triton.jit
-    def split_kernel(x_ptr, o_ptr, N: tl.constexpr):
+    def split_kernel(x_ptr, o_ptr, N: tl.constexpr, INTEGER: tl.constexpr):
         i = tl.arange(0, N)
-        hi, mid, lo = td._split3(tl.load(x_ptr + i))
+        hi, mid, lo = td._split3(tl.load(x_ptr + i), INTEGER)
         tl.store(o_ptr + i, hi)
         tl.store(o_ptr + N + i, mid)
         tl.store(o_ptr + 2 * N + i, lo)
@@ -131,7 +160,7 @@ def test_split3_matches_split_bf16x3():
     x[:4] = torch.tensor([3.4e38, -3.4e38, float("inf"), 0.0])
     xd = x.to(DEV)
     o = torch.empty(3 * 1024, device=DEV)
-    split_kernel[(1,)](xd, o, N=1024)
+    split_kernel[(1,)](xd, o, N=1024, INTEGER=integer_rounding)
     want = split_bf16x3(x.view(1024, 1, 1)).float().view(3, 1024)
     assert torch.equal(o.cpu().view(3, 1024), want)
 

@@ -1,7 +1,6 @@
 """MoBA single-token decode in Triton: gate, split-KV attention over the selected blocks read in
-place from the KV cache, and an LSE merge. Three kernel launches and one ``torch.topk``, no host
-sync, no gather copies, fixed grid sizes (from ``Lmax``, the block count and ``topk``):
-CUDA-graph capturable.
+place from the KV cache, and an LSE merge. Three launches, no host sync, no gather copies, fixed
+grid sizes (from ``Lmax``, the block count and ``topk``): CUDA-graph capturable.
 
 Semantics: those of :func:`moba_dist.decode.moba_decode` (docs/semantics.md, "Decoding"), of
 which this is the GPU twin. Tested on the CPU under ``TRITON_INTERPRET=1`` against it
@@ -23,8 +22,8 @@ float64 (last dim contiguous). ``G = Hq / Hkv`` query heads share a kv head.
    the query dtype):
 
      * bf16 queries, ``"mma3"``: the float32 mean is split into bf16 ``hi + mid + lo`` (the same
-       split as ``triton_gate.split_bf16x3``, done here with integer round-to-nearest-even so the
-       interpreter, which truncates float-to-bf16 casts, agrees), and ``acc = q.lo; acc += q.mid;
+       split as ``triton_gate.split_bf16x3``; under the interpreter, which truncates float-to-bf16
+       casts, with integer round-to-nearest-even), and ``acc = q.lo; acc += q.mid;
        acc += q.hi`` run as ``tl.dot`` on tiles of the **same shape** as ``gate_topk``'s
        (``BLOCK_M * next_pow2(G)`` rows, of which row 0's ``G`` heads are live, ``BLOCK_N``
        blocks, ``BLOCK_D`` head-dim chunks, same warps), so the same MMA instruction sequence
@@ -35,20 +34,19 @@ float64 (last dim contiguous). ``G = Hq / Hkv`` query heads share a kv head.
    This replicates ``gate_topk`` rather than calling it (which would need the means of all
    blocks, their bf16 split, and more launches per token). ``scripts/bench_decode.py`` checks
    on the GPU that the selections equal ``gate_topk``'s on the same inputs.
-2. Selection: ``torch.topk`` of each head's ``NG * (topk - 1)`` candidate keys (distinct, so
-   the order is exact), once per head rather than in every attention program that needs it (an
-   in-kernel merge there grew with ``NG``, which capped the gate's parallelism).
-3. Attention (``_attn_kernel``, grid ``(B * Hkv, G * (topk - 1) + 1, NSPLIT)``): program
-   ``(b, kv head, slot, split)`` reads the selection of its ``G`` heads. Slot
-   ``c < G * (topk - 1)`` is the ``c % (topk - 1)``-th selected block of head
-   ``c // (topk - 1)``; it runs only if no earlier
+2. Attention (``_attn_kernel``, grid ``(B * Hkv, G * (topk - 1) + 1, NSPLIT)``): program
+   ``(b, kv head, slot, split)`` first merges the ``NG * (topk - 1)`` candidate keys of each of
+   its ``G`` heads into the final selection (``topk - 1`` max-reductions over a few hundred keys,
+   done redundantly per program: at a 1M cache on an H100 this costs 3-6 us of attention time,
+   a separate ``torch.topk`` and its decode 14-16 us, run M). Slot ``c < G * (topk - 1)`` is the
+   ``c % (topk - 1)``-th selected block of head ``c // (topk - 1)``; it runs only if no earlier
    slot of the group holds the same block (a block is read once per kv head, with a mask of the
    heads that chose it). The last slot is the own block, keys ``[own * chunk, t]``. Split ``p``
    covers keys ``[p * SPLIT_N, (p + 1) * SPLIT_N)`` of the block. All ``G`` heads are one tile
    (padded to 16 rows for ``tl.dot``); keys and values are read in place from the cache by
    position. Output: float32 partial ``(out, lse)`` per (slot, split, head); ``lse = -inf``
    where a head reads nothing.
-4. Merge (``_merge_kernel``, grid ``(B * Hq, D / merge_d)``): log-sum-exp merge of the partials
+3. Merge (``_merge_kernel``, grid ``(B * Hq, D / merge_d)``): log-sum-exp merge of the partials
    into ``[B, Hq, D]`` in q's dtype (and, optionally, the natural-log LSE ``[B, Hq]`` float32),
    each program one chunk of ``d`` (at 4096/12 a head has 360 partials: one program per head
    took 11.5 us of 151 at a 1M cache on an H100).
@@ -101,27 +99,40 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
-def _bf16_rne(x):
-    """float32 -> the nearest bf16 value (ties to even), as float32, by integer arithmetic (the
-    interpreter truncates ``.to(tl.bfloat16)``; the GPU rounds to nearest even: both agree on
-    the exactly representable result). NaN stays NaN."""
+def _bf16_rne(x, INTERPRETED: tl.constexpr):
+    """float32 -> the nearest bf16 value (ties to even), as float32. On the GPU the cast itself
+    (``cvt.rn.bf16.f32``, one instruction); in the interpreter, which truncates
+    ``.to(tl.bfloat16)``, integer arithmetic giving the same value. NaN stays NaN."""
+    if not INTERPRETED:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
     bits = x.to(tl.int32, bitcast=True)
     r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _split3(m):
+def _split3(m, INTERPRETED: tl.constexpr):
     """float32 ``m`` -> bf16-valued float32 ``(hi, mid, lo)`` with ``hi + mid + lo == m``, the
     split of ``triton_gate.split_bf16x3`` (overflow clamped to bf16's largest finite value)."""
-    hi = _bf16_rne(m)
+    hi = _bf16_rne(m, INTERPRETED)
     m_finite = (m == m) & (tl.abs(m) < float("inf"))
     hi_inf = tl.abs(hi) == float("inf")
     hi = tl.where(hi_inf & m_finite, tl.where(hi > 0, _BF16_MAX, -_BF16_MAX), hi)
     r = tl.where((hi == hi) & (tl.abs(hi) < float("inf")), m - hi, 0.0)
-    mid = _bf16_rne(r)
-    lo = _bf16_rne(r - mid)
+    mid = _bf16_rne(r, INTERPRETED)
+    lo = _bf16_rne(r - mid, INTERPRETED)
     return hi, mid, lo
+
+
+@triton.jit
+def _mean(sm, chunk, inv_chunk, POW2: tl.constexpr):
+    """float64 block sums -> float32 means, as ``gating.block_means``: ``sum / chunk`` rounded
+    once to float64, then to float32. For a power-of-two ``chunk`` the product with
+    ``inv_chunk = 1 / chunk`` (a power of two: exact in float32 and float64) is that same correctly
+    rounded quotient, without a float64 division per element (about 25 instructions each)."""
+    if POW2:
+        return (sm * inv_chunk).to(tl.float32)
+    return (sm / chunk).to(tl.float32)
 
 
 @triton.jit
@@ -133,9 +144,9 @@ def _mma(qt, part, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _gate_scores(q_row, sum_col, live, j_in, chunk,
+def _gate_scores(q_row, sum_col, live, j_in, chunk, inv_chunk,
                  R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MMA3: tl.constexpr, INTERPRETED: tl.constexpr):
+                 MMA3: tl.constexpr, INTERPRETED: tl.constexpr, POW2: tl.constexpr):
     """``[R, BLOCK_N]`` float32 scores: the reduction of ``triton_gate._scores`` on means computed
     here from the float64 sums (``sum_col``: pointers of each block's d = 0)."""
     acc = tl.zeros([R, BLOCK_N], tl.float32)
@@ -146,7 +157,7 @@ def _gate_scores(q_row, sum_col, live, j_in, chunk,
             d_in = d < D
             qt = tl.load(q_row[:, None] + d[None, :], mask=live[:, None] & d_in[None, :], other=0.0)
             sm = tl.load(sum_col[None, :] + d[:, None], mask=j_in[None, :] & d_in[:, None], other=0.0)
-            hi, mid, lo = _split3((sm / chunk).to(tl.float32))
+            hi, mid, lo = _split3(_mean(sm, chunk, inv_chunk, POW2), INTERPRETED)
             acc = _mma(qt, lo, acc, INTERPRETED)
             acc = _mma(qt, mid, acc, INTERPRETED)
             acc = _mma(qt, hi, acc, INTERPRETED)
@@ -159,7 +170,7 @@ def _gate_scores(q_row, sum_col, live, j_in, chunk,
                                  other=0.0)
                     sm = tl.load(sum_col[None, :] + d[:, None], mask=j_in[None, :] & d_in[:, None],
                                  other=0.0)
-                    hi, mid, lo = _split3((sm / chunk).to(tl.float32))
+                    hi, mid, lo = _split3(_mean(sm, chunk, inv_chunk, POW2), INTERPRETED)
                     if p == 0:
                         acc = _mma(qt, lo, acc, INTERPRETED)
                     elif p == 1:
@@ -173,22 +184,37 @@ def _gate_scores(q_row, sum_col, live, j_in, chunk,
             qt = tl.load(q_row[:, None] + d[None, :], mask=live[:, None] & d_in[None, :],
                          other=0.0).to(tl.float32)
             sm = tl.load(sum_col[None, :] + d[:, None], mask=j_in[None, :] & d_in[:, None], other=0.0)
-            acc = tl.dot(qt, (sm / chunk).to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(qt, _mean(sm, chunk, inv_chunk, POW2), acc, input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb, stride_sn,
-               stride_sh, R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+def _first_rows(acc, BLOCK_M: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``[0, GP)`` of ``acc [BLOCK_M * GP, BLOCK_N]`` (the live query's heads), bit for bit
+    (an integer sum with zeros: no float arithmetic touches a score, NaN payloads included)."""
+    bits = tl.reshape(acc.to(tl.int32, bitcast=True), [BLOCK_M, GP, BLOCK_N])
+    m = tl.arange(0, BLOCK_M)[:, None, None]
+    return tl.sum(tl.where(m == 0, bits, 0), 0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gate_tile(q_row, sums_ptr, b64, hk, live, live_g, top, start, hi, chunk, inv_chunk,
+               stride_sb, stride_sn, stride_sh, BLOCK_M: tl.constexpr, GP: tl.constexpr,
+               BLOCK_N: tl.constexpr, D: tl.constexpr,
                BLOCK_D: tl.constexpr, TOPK1: tl.constexpr, MMA3: tl.constexpr,
-               INTERPRETED: tl.constexpr, WHILE_LOOPS: tl.constexpr):
-    """Scores of blocks ``[start, start + BLOCK_N) ∩ [.., hi)`` merged into the kept keys."""
+               INTERPRETED: tl.constexpr, WHILE_LOOPS: tl.constexpr, POW2: tl.constexpr):
+    """Scores of blocks ``[start, start + BLOCK_N) ∩ [.., hi)`` merged into the kept keys
+    (``top [GP, KP]``, one row per head of the group)."""
     j = start + tl.arange(0, BLOCK_N)
     j_in = j < hi
     sum_col = sums_ptr + b64 * stride_sb + hk * stride_sh + j.to(tl.int64) * stride_sn
-    acc = _gate_scores(q_row, sum_col, live, j_in, chunk, R, BLOCK_N, D, BLOCK_D, MMA3,
-                       INTERPRETED)
-    valid = live[:, None] & j_in[None, :]
+    acc = _gate_scores(q_row, sum_col, live, j_in, chunk, inv_chunk, BLOCK_M * GP, BLOCK_N, D,
+                       BLOCK_D, MMA3, INTERPRETED, POW2)
+    if BLOCK_M > 1:
+        # The MMA needs gate_topk's tile of BLOCK_M * GP rows, of which only the first GP are
+        # live: the filter and the insertion rounds run on those alone (1/BLOCK_M of the work).
+        acc = _first_rows(acc, BLOCK_M, GP, BLOCK_N)
+    valid = live_g[:, None] & j_in[None, :]
     # The insertion merge of triton_gate._gate_tile: tiles come in increasing block order, so a
     # candidate enters only with a score strictly above the row's worst kept one.
     t = _unordered((tl.min(top, 1) >> 32).to(tl.int32))
@@ -210,12 +236,13 @@ def _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
 @triton.jit
 def _gate_kernel(
     q_ptr, sums_ptr, seqlens_ptr, cand_ptr,
-    chunk, step,
+    chunk, inv_chunk, step,
     stride_qb, stride_qh, stride_sb, stride_sn, stride_sh, stride_cb, stride_ch, stride_cs,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     TOPK1: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MMA3: tl.constexpr, INTERPRETED: tl.constexpr, WHILE_LOOPS: tl.constexpr,
+    POW2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     part = tl.program_id(1)
@@ -226,6 +253,8 @@ def _gate_kernel(
     g = r % GP
     live = (r < GP) & (g < G)  # row 0 of a gate_topk tile: the one query, its G heads
     head = hk * G + g
+    gl = tl.arange(0, GP)
+    live_g = gl < G
     b64 = b.to(tl.int64)
     own = (tl.load(seqlens_ptr + b) - 1) // chunk
     # Program `part` takes tiles part, part + NG, part + 2 NG, ... (increasing, as the insertion
@@ -236,33 +265,34 @@ def _gate_kernel(
 
     slot = tl.arange(0, KP)
     init = tl.where(slot < TOPK1, _KEY_MIN + slot.to(tl.int64), _KEY_MAX - slot.to(tl.int64))
-    top = tl.zeros([R, KP], tl.int64) + init[None, :]
+    top = tl.zeros([GP, KP], tl.int64) + init[None, :]
     if WHILE_LOOPS:
         # Triton's interpreter cannot take tensors as range() bounds (as in triton_gate).
         start = lo
         while start < hi:
-            top = _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
-                             stride_sn, stride_sh, R, BLOCK_N, D, BLOCK_D, TOPK1, MMA3,
-                             INTERPRETED, WHILE_LOOPS)
+            top = _gate_tile(q_row, sums_ptr, b64, hk, live, live_g, top, start, hi, chunk,
+                             inv_chunk, stride_sb, stride_sn, stride_sh, BLOCK_M, GP, BLOCK_N, D,
+                             BLOCK_D, TOPK1, MMA3, INTERPRETED, WHILE_LOOPS, POW2)
             start += step
     else:
         for start in range(lo, hi, step):
-            top = _gate_tile(q_row, sums_ptr, b64, hk, live, top, start, hi, chunk, stride_sb,
-                             stride_sn, stride_sh, R, BLOCK_N, D, BLOCK_D, TOPK1, MMA3,
-                             INTERPRETED, WHILE_LOOPS)
-    out = cand_ptr + b64 * stride_cb + head.to(tl.int64) * stride_ch + part * stride_cs
-    tl.store(out[:, None] + slot[None, :], top, mask=live[:, None] & (slot < TOPK1)[None, :])
+            top = _gate_tile(q_row, sums_ptr, b64, hk, live, live_g, top, start, hi, chunk,
+                             inv_chunk, stride_sb, stride_sn, stride_sh, BLOCK_M, GP, BLOCK_N, D,
+                             BLOCK_D, TOPK1, MMA3, INTERPRETED, WHILE_LOOPS, POW2)
+    out = cand_ptr + b64 * stride_cb + (hk * G + gl).to(tl.int64) * stride_ch + part * stride_cs
+    tl.store(out[:, None] + slot[None, :], top, mask=live_g[:, None] & (slot < TOPK1)[None, :])
 
 
 @triton.jit
 def _attn_kernel(
-    q_ptr, k_ptr, v_ptr, seqlens_ptr, top_ptr, wo_ptr, wl_ptr,
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, cand_ptr, wo_ptr, wl_ptr,
     chunk, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-    stride_tb, stride_th,
+    stride_cb, stride_ch,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, TOPK1: tl.constexpr, KP: tl.constexpr,
-    NSPLIT: tl.constexpr, SPLIT_N: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    NCAND: tl.constexpr, CP: tl.constexpr, NSPLIT: tl.constexpr,
+    SPLIT_N: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -276,12 +306,19 @@ def _attn_kernel(
     m_rows = tl.arange(0, MP)
 
     if TOPK1 > 0:
-        # The group's heads' final selection: the best TOPK1 of the gate's candidate keys.
+        # The final selection of the group's heads from the gate programs' candidate keys
+        # (distinct per head, so repeatedly taking the largest is an exact top-k).
         gr = tl.arange(0, GP)
+        c = tl.arange(0, CP)
+        keys = tl.load(cand_ptr + b64 * stride_cb + (hk * G + gr).to(tl.int64)[:, None] * stride_ch
+                       + c[None, :], mask=(gr < G)[:, None] & (c < NCAND)[None, :], other=_KEY_MIN)
         col = tl.arange(0, KP)
-        keys = tl.load(top_ptr + b64 * stride_tb + (hk * G + gr).to(tl.int64)[:, None] * stride_th
-                       + col[None, :], mask=(gr < G)[:, None] & (col < TOPK1)[None, :], other=_KEY_MIN)
-        sel = tl.where(keys > _VALID_FLOOR, 2147483647 - keys.to(tl.int32), -1)
+        sel = tl.full([GP, KP], -1, tl.int32)
+        for i in tl.static_range(TOPK1):
+            best = tl.max(keys, 1)
+            blk = tl.where(best > _VALID_FLOOR, 2147483647 - best.to(tl.int32), -1)
+            sel = tl.where(col[None, :] == i, blk[:, None], sel)
+            keys = tl.where(keys == best[:, None], _KEY_MIN, keys)
         flat = gr[:, None] * TOPK1 + col[None, :]
         real = (gr < G)[:, None] & (col < TOPK1)[None, :]
         is_sel = slot < G * TOPK1
@@ -456,13 +493,14 @@ def _launch_gate(q, seqlens, block_sums, chunk: int, sz: _Shapes) -> torch.Tenso
     # shape-independent, so one query row padded to 16 is enough.
     block_m = sz.gcfg.block_m if sz.mma3 else max(1, 16 // sz.gp)
     _gate_kernel[(sz.bsz * sz.hkv, sz.ng)](
-        q, block_sums, seqlens, cand, chunk, sz.ng * sz.gate_block_n,
+        q, block_sums, seqlens, cand, chunk, 1.0 / chunk, sz.ng * sz.gate_block_n,
         q.stride(0), q.stride(1), block_sums.stride(0), block_sums.stride(1),
         block_sums.stride(2), cand.stride(0), cand.stride(1), sz.topk1,
         HKV=sz.hkv, G=sz.group, GP=sz.gp, D=sz.d, TOPK1=sz.topk1, KP=sz.kp,
         BLOCK_M=block_m, BLOCK_N=sz.gate_block_n,
         BLOCK_D=max(16, min(sz.gcfg.block_d, _next_pow2(sz.d))),
         MMA3=sz.mma3, INTERPRETED=sz.interpreted, WHILE_LOOPS=sz.interpreted,
+        POW2=(chunk & (chunk - 1)) == 0,
         num_warps=sz.gcfg.num_warps, num_stages=sz.gcfg.num_stages,
     )
     return cand
@@ -503,8 +541,7 @@ def moba_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """The GPU twin of :func:`moba_dist.decode.moba_decode` (same arguments and result).
 
     Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq]`` float32
-    (natural log) when ``return_lse``. Three kernel launches, a ``torch.topk`` and three
-    ``torch.empty``; never
+    (natural log) when ``return_lse``. Three kernel launches and three ``torch.empty``; never
     reads ``cache_seqlens`` on the host. Validated: shapes, dtypes, strides
     (``1 <= cache_seqlens[b] <= Lmax`` is the caller's promise: it lives on the device).
     """
@@ -517,19 +554,16 @@ def moba_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     seqlens = cache_seqlens.contiguous()
     block_d = max(16, _next_pow2(sz.d))
     cand = _launch_gate(q, seqlens, block_sums, chunk, sz)
-    # The best topk - 1 of every head's candidates, once (the attention programs of a kv head
-    # all need them): keys are distinct per head, so the order is exact.
-    top = top_keys(cand, sz.topk1)[0] if sz.topk1 else cand
     slots = sz.group * sz.topk1 + 1
     entries = slots * sz.nsplit
     wo = torch.empty(sz.bsz * sz.hkv * entries * sz.gp, sz.d, dtype=torch.float32, device=dev)
     wl = torch.empty(sz.bsz * sz.hkv * entries * sz.gp, dtype=torch.float32, device=dev)
     _attn_kernel[(sz.bsz * sz.hkv, slots, sz.nsplit)](
-        q, k_cache, v_cache, seqlens, top, wo, wl, chunk, scale * _LOG2E,
+        q, k_cache, v_cache, seqlens, cand, wo, wl, chunk, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), top.stride(0), top.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cand.stride(0), cand.stride(1),
         HKV=sz.hkv, G=sz.group, GP=sz.gp, MP=max(16, sz.gp), D=sz.d, BLOCK_D=block_d,
-        TOPK1=sz.topk1, KP=sz.kp,
+        TOPK1=sz.topk1, KP=sz.kp, NCAND=sz.ncand, CP=_next_pow2(max(sz.ncand, 1)),
         NSPLIT=sz.nsplit, SPLIT_N=sz.split_n, BLOCK_N=max(16, min(cfg.block_n, sz.split_n)),
         IEEE=q.dtype == torch.float32, INTERPRETED=sz.interpreted,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
