@@ -144,17 +144,19 @@ def test_context_parallel_plan_runs_one_handshake(kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [128, 1024])
 @pytest.mark.parametrize("layers", [2, 6])
-def test_gpu_step_syncs_do_not_grow_with_layers(monkeypatch, layers):
+def test_gpu_step_syncs_do_not_grow_with_layers(monkeypatch, layers, chunk):
     """CUDA's sync debug mode sees every device-to-host wait of a step of ``layers`` MoBA layers
-    (fused kernel, one device, forward and backward): one, the plan's read of ``cu_seqlens``."""
+    (fused kernel, one device, forward and backward): one, the plan's read of ``cu_seqlens``.
+    Also for blocks above ``FUSED_MAX_CHUNK`` when the fused kernel is chosen."""
     monkeypatch.setenv(SELECTED_ENV, "triton")
     g = torch.Generator().manual_seed(0)
     mk = lambda h: torch.randn(8192, h, 128, generator=g).to("cuda", torch.bfloat16)  # noqa: E731
     x = mk(16).requires_grad_()
     kv = [(mk(4).requires_grad_(), mk(4).requires_grad_()) for _ in range(layers)]
     cu = torch.tensor([0, 3000, 8192], dtype=torch.int32, device="cuda")
-    cfg = MoBAConfig(chunk_size=128, topk=4)
+    cfg = MoBAConfig(chunk_size=chunk, topk=4)
 
     def step(plan):
         h = x
