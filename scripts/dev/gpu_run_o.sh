@@ -3,7 +3,8 @@
 # the gate's block means, the bf16 cast split), the decode benchmark at 64K-1M with its launch
 # sweep and kernel times (candidate merge back in the attention kernel, gate without float64
 # divisions, filter and rounds on the live rows only), then train.py --preset gpu eager against
-# --compile and against the fused selected kernel (64K tokens, 8 steps each). The log is written to $OUT as it goes.
+# --compile and against the fused selected kernel (64K tokens, 8 steps each); between them the
+# launch sweep of the fused path's merge and dq-sum kernels (scripts/dev/tune_sums.py). The log is written to $OUT as it goes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/dev/gpu_setup.sh
@@ -15,6 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "pytest rc=$?"; grep -E "^FAILED|^ERROR|passed|failed" $W/pytest_gpu.log | tail -8 | cut -c1-300
 timeout 100 python scripts/bench_decode.py --iters 50 --sweep --profile > $W/decode.log 2>&1; echo "decode rc=$?"
 grep -E "1024K|\| (4096|128)/" $W/decode.log | cut -c1-120
+timeout 60 python scripts/dev/tune_sums.py > $W/sums.md 2>&1; echo "sums rc=$?"; cat $W/sums.md
 for mode in eager compile triton; do
   extra=""; [ $mode = compile ] && extra="--compile"
   # triton: the fused selected-part kernel for 4096-key blocks too (no host sync per layer).
@@ -25,5 +27,5 @@ for mode in eager compile triton; do
   grep -h -A3 "Error" $W/train_$mode.log | head -4 | cut -c1-300
 done
 } > $LOG 2>&1
-cp $W/pytest_gpu.log $W/decode.log $W/train_eager.log $W/train_compile.log $W/train_triton.log $OUT/ 2>/dev/null
+cp $W/pytest_gpu.log $W/sums.md $W/decode.log $W/train_eager.log $W/train_compile.log $W/train_triton.log $OUT/ 2>/dev/null
 cat $LOG

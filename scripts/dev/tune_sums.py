@@ -1,0 +1,100 @@
+"""GPU micro-benchmark of the fused path's two memory-bound row kernels (kernels/triton_moba.py):
+``_merge_kernel`` (forward: LSE merge of a row's slot partials with its own block) and
+``_dq_sum_kernel`` (backward: the sum of a row's per-slot dq parts), over launch parameters.
+
+    python scripts/dev/tune_sums.py [--tokens 45590] [--slots 7]
+
+One query window of the 2 x 512K, chunk 128 / topk 8 benchmark (1M tokens in 23 windows: about
+45.6K tokens x 16 heads = 729K rows, 7 slots, D 128). Every configuration's output must be
+bitwise equal to BLOCK_R 16 (the pipeline's), since the per-row summation order does not depend
+on the launch; time is the median of 20 launches (CUDA events); GB/s counts the bytes each kernel
+must move (partials read once, outputs written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+
+from moba_dist.kernels.triton_moba import _dq_sum_kernel, _merge_kernel
+
+
+def timed(fn, iters=20):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=45590)
+    ap.add_argument("--slots", type=int, default=7)
+    args = ap.parse_args()
+    hq, d, s = 16, 128, args.slots
+    m = args.tokens
+    rows = m * hq
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    o_part = torch.randn(rows * s, d, device=dev, generator=g)
+    lse_part = torch.randn(rows * s, device=dev, generator=g)
+    lse_part[torch.rand(rows * s, device=dev, generator=g) < 0.02] = float("-inf")  # empty slots
+    self_out = torch.randn(m, hq, d, device=dev, generator=g).bfloat16()
+    self_lse = torch.randn(hq, m, device=dev, generator=g)
+    print(f"# {torch.cuda.get_device_name()}, window of {m} tokens x {hq} heads, {s} slots, D {d}\n")
+    print("| kernel | BLOCK_R | warps | us | GB/s | equal to BLOCK_R 16 |\n|---|---|---|---|---|---|")
+    ref = None
+    move = (rows * s * d * 4 + rows * s * 4) + rows * d * 2 * 2 + rows * 8
+    for block_r, warps in [(16, 8), (16, 4), (8, 4), (32, 8), (32, 4), (64, 8), (4, 4), (8, 8)]:
+        out = torch.empty(m, hq, d, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(hq, m, device=dev)
+
+        def run(block_r=block_r, warps=warps, out=out, lse=lse):
+            _merge_kernel[(triton.cdiv(rows, block_r),)](
+                o_part, lse_part, self_out, self_lse, out, lse, rows, m, 0, self_out.stride(1),
+                HQ=hq, S=s, SP=triton.next_power_of_2(s), D=d, DP=d, BLOCK_R=block_r,
+                HAS_SELF=True, num_warps=warps)
+        try:
+            ms = timed(run)
+            got = (out.clone(), lse.clone())
+            ref = ref or got
+            eq = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+            print(f"| merge | {block_r} | {warps} | {ms * 1e3:.0f} | {move / ms / 1e6:.0f} | {eq} |")
+        except Exception as e:  # noqa: BLE001
+            print(f"| merge | {block_r} | {warps} | error: {type(e).__name__}: {str(e)[:80]} | | |")
+    dq_part = torch.randn(rows * s, d, device=dev, generator=g)
+    sel = torch.randint(0, 4096, (rows, s), device=dev, generator=g, dtype=torch.int32)
+    sel[torch.rand(rows, s, device=dev, generator=g) < 0.02] = -1
+    seg_len = torch.full((4096,), 128, device=dev, dtype=torch.int32)
+    base = torch.randn(rows, d, device=dev, generator=g)
+    move = rows * s * d * 4 + rows * s * 4 + rows * d * 4 + rows * d * 2
+    ref = None
+    for block_r, warps in [(16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8), (8, 4)]:
+        dq = torch.empty(rows, d, device=dev, dtype=torch.bfloat16)
+
+        def run(block_r=block_r, warps=warps, dq=dq):
+            _dq_sum_kernel[(triton.cdiv(rows, block_r),)](
+                dq_part, sel, seg_len, base, dq, rows, S=s, P=1, D=d, DP=d, BLOCK_N=128,
+                BLOCK_R=block_r, HAS_BASE=True, num_warps=warps)
+        try:
+            ms = timed(run)
+            got = dq.clone()
+            ref = got if ref is None else ref
+            print(f"| dq_sum | {block_r} | {warps} | {ms * 1e3:.0f} | {move / ms / 1e6:.0f} | "
+                  f"{torch.equal(got, ref)} |")
+        except Exception as e:  # noqa: BLE001
+            print(f"| dq_sum | {block_r} | {warps} | error: {type(e).__name__}: {str(e)[:80]} | | |")
+
+
+if __name__ == "__main__":
+    main()
