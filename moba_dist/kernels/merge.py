@@ -95,7 +95,7 @@ def merge_slots(part_out: torch.Tensor, part_lse: torch.Tensor, slots: int, out:
         dp = max(16, _next_pow2(d))
         _merge_kernel[(triton.cdiv(rows, 16),)](
             part_out, part_lse, out, lse, out, lse, rows, n, t0 * hq, d,
-            HQ=hq, S=slots, SP=_next_pow2(slots), D=d, DP=dp, BLOCK_R=16, HAS_SELF=True, num_warps=8)
+            HQ=hq, S=slots, D=d, DP=dp, BLOCK_R=16, HAS_SELF=True, num_warps=8)
         return
     acc = accum_dtype(out.dtype)
     o_self = out[t0:t0 + w].reshape(rows, d)

@@ -397,9 +397,10 @@ def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, base_ptr, dq_ptr, rows, S:
     for s in tl.static_range(S):
         g = tl.load(sel_ptr + r * S + s, mask=rm, other=-1)
         live = rm & (g >= 0)
-        g_len = tl.load(seg_len_ptr + g, mask=live, other=0)
+        if P > 1:  # one part per slot: every selected slot has it (no length to look up)
+            g_len = tl.load(seg_len_ptr + g, mask=live, other=0)
         for p in tl.static_range(P):
-            part = live & (p * BLOCK_N < g_len)
+            part = live if P == 1 else live & (p * BLOCK_N < g_len)
             acc += tl.load(dq_part_ptr + ((r * S + s) * P + p)[:, None] * D + d[None, :],
                            mask=part[:, None] & dm[None, :], other=0.0)
     if HAS_BASE:
@@ -413,42 +414,47 @@ def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, base_ptr, dq_ptr, rows, S:
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, self_o_ptr, self_lse_ptr, out_ptr, lse_ptr,
     rows, n, row0, stride_so_r,
-    HQ: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    HQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_SELF: tl.constexpr,
 ):
     """LSE merge of ``S`` slot partials (and the self part) of ``BLOCK_R`` rows ``i * Hq + h``
-    (local to the window starting at row ``row0``): each partial is read once; empty slots
-    (``lse = -inf``) are not read at all."""
+    (local to the window starting at row ``row0``), in slot order then the self part: each
+    partial is read once; empty slots (``lse = -inf``) are not read at all. Slots are a loop
+    of ``[BLOCK_R, D]`` tiles (a 3-D tile summed over its slot axis crossed warps: shared-memory
+    round trips per program)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < rows
-    sl = tl.arange(0, SP)
     d = tl.arange(0, DP)
+    dm = d < D
     r64 = r.to(tl.int64)
-    lse_s = tl.load(lse_part_ptr + r64[:, None] * S + sl[None, :], mask=rm[:, None] & (sl < S)[None, :],
-                    other=float("-inf"))
     g = r64 + row0  # global row i * Hq + h
     stat = (g % HQ) * n + g // HQ  # lse is [Hq, n]
-    m = tl.max(lse_s, 1)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in tl.static_range(S):
+        m = tl.maximum(m, tl.load(lse_part_ptr + r64 * S + s, mask=rm, other=float("-inf")))
     if HAS_SELF:
         lse_self = tl.load(self_lse_ptr + stat, mask=rm, other=float("-inf"))
         m = tl.maximum(m, lse_self)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe[:, None])
-    denom = tl.sum(w, 1)
-    seen = (lse_s > float("-inf"))[:, :, None] & (d < D)[None, None, :]
-    o = tl.load(o_part_ptr + (r64[:, None, None] * S + sl[None, :, None]) * D + d[None, None, :],
-                mask=seen, other=0.0).to(tl.float32)
-    acc = tl.sum(o * w[:, :, None], 1)
+    acc = tl.zeros([BLOCK_R, DP], tl.float32)
+    denom = tl.zeros([BLOCK_R], tl.float32)
+    for s in tl.static_range(S):
+        x = tl.load(lse_part_ptr + r64 * S + s, mask=rm, other=float("-inf"))
+        w = tl.exp(x - m_safe)
+        o = tl.load(o_part_ptr + (r64 * S + s)[:, None] * D + d[None, :],
+                    mask=(x > float("-inf"))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        acc += o * w[:, None]
+        denom += w
     if HAS_SELF:
         w_self = tl.exp(lse_self - m_safe)
         o_self = tl.load(self_o_ptr + g[:, None] * stride_so_r + d[None, :],
-                         mask=rm[:, None] & (d < D)[None, :] & (lse_self > float("-inf"))[:, None],
+                         mask=rm[:, None] & dm[None, :] & (lse_self > float("-inf"))[:, None],
                          other=0.0).to(tl.float32)
         acc += o_self * w_self[:, None]
         denom += w_self
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out_ptr + g[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=rm[:, None] & (d < D)[None, :])
+             mask=rm[:, None] & dm[None, :])
     safe = tl.where(denom > 0, denom, 1.0)
     tl.store(lse_ptr + stat, tl.where(denom > 0, m_safe + tl.log(safe), float("-inf")), mask=rm)
 
@@ -592,8 +598,8 @@ def selected_attn_fwd(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
         _merge_kernel[(triton.cdiv(m * hq, block_r),)](
             o_part, lse_part, self_out if has_self else o_part, self_lse if has_self else lse_part,
             out, lse, m * hq, n, a * hq, self_out.stride(1) if has_self else 0,
-            HQ=hq, S=max(slots, 1), SP=_next_pow2(max(slots, 1)), D=d, DP=dp, BLOCK_R=block_r,
-            HAS_SELF=has_self, num_warps=8,
+            HQ=hq, S=max(slots, 1), D=d, DP=dp, BLOCK_R=block_r, HAS_SELF=has_self,
+            num_warps=8,
         )
         del o_part, lse_part  # before the next window's: one window's partials alive at a time
     return out, lse
