@@ -706,7 +706,9 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
             )
             del dq_plan
         sel_w = sel_w if sel_w.is_contiguous() else sel_w.contiguous()
-        block_r = 16
+        # 64 rows per program: 1.13 ms against 1.75 with 16 for one 2 x 512K 128/8 window (H100,
+        # scripts/dev/tune_sums.py, run O); the sum order per row does not depend on it.
+        block_r = 64
         _dq_sum_kernel[(triton.cdiv(m * hq, block_r),)](
             dq_part, sel_w, seg_len, dq_base[a:b] if dq_base is not None else dq_part, dq[a:b],
             m * hq, S=slots, P=parts, D=d, DP=dp, BLOCK_N=block_n if fused_dq else chunk,
