@@ -13,7 +13,7 @@ TORCH_LOGS=recompiles,graph_breaks timeout 200 python scripts/dev/stack_dump.py 
   --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba --compile --out-dir /tmp/q_new \
   > $OUT/train_new.log 2>&1 &
 pid=$!
-for t in 40 80 120 160; do sleep 40; kill -0 $pid 2>/dev/null && { echo "--- dump at ${t}s" >> $OUT/stacks_new.txt; pkill -USR1 -f stack_dump.py; }; done
+for t in 40 80 120 160; do sleep 40; kill -0 $pid 2>/dev/null && { echo "--- dump at ${t}s" >> $OUT/stacks_new.txt; pkill -USR1 -f "^python scripts/dev/stack_dump.py"; }; done
 wait $pid; echo "new compile rc=$?"
 grep -E "^\[train\] step|peak memory|Recompiling|guard failure|Graph break in user" $OUT/train_new.log | cut -c1-220 | head -30
 ( cd .ab/old && export PYTHONPATH=/tmp/site:$ROOT/.ab/old
