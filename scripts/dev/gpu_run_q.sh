@@ -15,10 +15,10 @@ TORCH_LOGS=recompiles,graph_breaks timeout 200 python scripts/dev/stack_dump.py 
 pid=$!
 for t in 40 80 120 160; do sleep 40; kill -0 $pid 2>/dev/null && { echo "--- dump at ${t}s" >> $OUT/stacks_new.txt; pkill -USR1 -f "^python scripts/dev/stack_dump.py"; }; done
 wait $pid; echo "new compile rc=$?"
-grep -E "^\[train\] step|peak memory|Recompiling|guard failure|Graph break in user" $OUT/train_new.log | cut -c1-220 | head -30
+tr "\r" "\n" < $OUT/train_new.log | grep -oE "\[train\] step.*|\[train\] peak.*|Recompiling.*|- .*guard.*|Graph break in user.*" | cut -c1-220 | head -30
 ( cd .ab/old && export PYTHONPATH=/tmp/site:$ROOT/.ab/old
   timeout 120 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba --compile \
     --out-dir /tmp/q_old > $OUT/train_old.log 2>&1; echo "old compile rc=$?" )
-grep -E "^\[train\] step|peak memory" $OUT/train_old.log | cut -c1-220
+tr "\r" "\n" < $OUT/train_old.log | grep -oE "\[train\] step.*|\[train\] peak.*" | cut -c1-220
 } > $LOG 2>&1
 cat $LOG
