@@ -217,9 +217,25 @@ def compile_layers(lm: nn.Module, backend: str) -> None:
     """``torch.compile`` every decoder layer in place (parameter names unchanged, so checkpoints
     load either way). Without CP a layer is one graph (moba_dist's attention is a custom op in
     it, ``moba_dist/ops.py``); under CP the attention's collectives run eagerly, outside the
-    graph (one graph break per layer)."""
+    graph (one graph break per layer).
+
+    Under activation checkpointing the checkpoint wraps the compiled forward instead of being
+    traced into it: transformers checkpoints inside ``forward``, and tracing that puts every
+    side effect of the layer inside a checkpoint region, which dynamo refuses (transformers 5.25's
+    hub-kernel RMSNorm sets a context variable there: one graph break per layer)."""
     for layer in lm.model.layers:
-        layer.compile(backend=backend)
+        if not getattr(layer, "gradient_checkpointing", False):
+            layer.compile(backend=backend)
+            continue
+        layer.gradient_checkpointing = False  # HF's wrapper now runs the plain forward
+        compiled = torch.compile(layer.forward, backend=backend)
+
+        def forward(*args, _compiled=compiled, _layer=layer, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_compiled, *args, use_reentrant=False, **kwargs)
+            return _compiled(*args, **kwargs)
+
+        layer.forward = forward
 
 
 def graph_breaks() -> int:
