@@ -2,7 +2,7 @@
 # Device run Q (one GPU, ~6 min): where a --compile training step at 64K spends its time (run O
 # saw no step finish in 150 s; run E at 772e4a7 compiled 256K steps as fast as eager). This
 # checkout with Python stack dumps every 40 s (scripts/dev/stack_dump.py) and recompile logs,
-# then the run E commit unpacked in .ab/old (carry [".wheels", ".ab"]; see gpu_ab_train.sh).
+# then the run E commit unpacked in .ab/old (carry [".wheels", ".ab"]; see gpu_ab_train.sh), then this checkout eager.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/dev/gpu_setup.sh
@@ -20,5 +20,8 @@ tr "\r" "\n" < $OUT/train_new.log | grep -oE "\[train\] step.*|\[train\] peak.*|
   timeout 120 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba --compile \
     --out-dir /tmp/q_old > $OUT/train_old.log 2>&1; echo "old compile rc=$?" )
 tr "\r" "\n" < $OUT/train_old.log | grep -oE "\[train\] step.*|\[train\] peak.*" | cut -c1-220
+timeout 80 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba \
+  --out-dir /tmp/q_eager > $OUT/train_eager.log 2>&1; echo "new eager rc=$?"
+tr "\r" "\n" < $OUT/train_eager.log | grep -oE "\[train\] step.*|\[train\] peak.*" | cut -c1-220
 } > $LOG 2>&1
 cat $LOG
