@@ -51,7 +51,7 @@ def _decide(cu_seqlens: Tensor, total: int, device: torch.device, chunk: int, to
 @torch.library.custom_op("moba_dist::moba_fwd", mutates_args=())
 def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: int, topk: int,
              softmax_scale: float, max_seqlen: int = -1, full: bool = False, backend: str | None = None,
-             valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             valid: Tensor | None = None, forward_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Single-device MoBA forward: ``(out [T, Hq, D] q.dtype, lse [Hq, T] float32 (float64 for
     float64 inputs), sel [T, Hq, topk - 1] int32)``; ``sel`` holds each (query, head)'s selected
     past blocks (global block ids, -1 where a query has fewer past blocks than slots), all -1
@@ -59,7 +59,9 @@ def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: int, to
 
     ``full``: full causal attention whatever ``topk``/``chunk`` (a full layer). ``max_seqlen``:
     checked against ``cu_seqlens`` unless negative. ``valid``: a bool mask that must be all
-    True (an HF ``attention_mask``; ValueError on padding). Host syncs: ``cu_seqlens`` (and
+    True (an HF ``attention_mask``; ValueError on padding). ``forward_only``: no backward will
+    follow (inference: the plan takes prefill's smaller workspace budget); the caller decides,
+    because inside the operator no input requires gradients. Host syncs: ``cu_seqlens`` (and
     ``valid``) once, the selection counts once (MoBA path)."""
     if valid is not None and not bool(valid.all()):
         raise ValueError(PADDING_ERROR)
@@ -73,7 +75,8 @@ def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: int, to
         sel = torch.full((T, hq, topk - 1), -1, dtype=torch.int32, device=q.device)
         return out.contiguous(), lse.contiguous(), sel
     offsets = torch.tensor([0, T], dtype=torch.int64)
-    meta, sel, stats = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend)
+    meta, sel, stats = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend,
+                                 forward_only=forward_only)
     out, lse, _ = core_forward(q, k, v, meta)
     record(stats)
     return out.contiguous(), lse.contiguous(), sel.to(torch.int32).contiguous()
@@ -81,7 +84,7 @@ def moba_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: int, to
 
 @moba_fwd.register_fake
 def _(q, k, v, cu_seqlens, chunk, topk, softmax_scale, max_seqlen=-1, full=False, backend=None,
-      valid=None):
+      valid=None, forward_only=False):
     T, hq, d = q.shape
     return (q.new_empty(T, hq, d), q.new_empty(hq, T, dtype=accum_dtype(q.dtype)),
             q.new_empty(T, hq, topk - 1, dtype=torch.int32))
@@ -105,7 +108,8 @@ def moba_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                                  softmax_scale, True)
     else:
         offsets = torch.tensor([0, T], dtype=torch.int64)
-        meta, _, _ = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend, sel=sel)
+        meta, _, _ = moba_plan(q, k, v, cu, offsets, chunk, topk, softmax_scale, None, backend, sel=sel,
+                               forward_only=False)
         dq, dk, dv = core_backward(dout, q, k, v, out, lse, meta)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -116,7 +120,7 @@ def _(dout, q, k, v, out, lse, sel, cu_seqlens, chunk, topk, softmax_scale, full
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, chunk, topk, softmax_scale, _max_seqlen, full, backend, _valid = inputs
+    q, k, v, cu_seqlens, chunk, topk, softmax_scale, _max_seqlen, full, backend, _valid, _fwd_only = inputs
     out, lse, sel = output
     ctx.save_for_backward(q, k, v, out, lse, sel, cu_seqlens)
     ctx.args = (chunk, topk, softmax_scale, full, backend)
@@ -128,7 +132,7 @@ def _backward(ctx, dout, _dlse, _dsel):
     chunk, topk, softmax_scale, full, backend = ctx.args
     dq, dk, dv = moba_bwd(dout, q, k, v, out, lse, sel, cu_seqlens, chunk, topk, softmax_scale, full,
                           backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 moba_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -138,8 +142,11 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: i
                    softmax_scale: float, *, max_seqlen: int = -1, full: bool = False,
                    backend: str | None = None, valid: Tensor | None = None) -> Tensor:
     """The output of :func:`moba_fwd` (what the public functions return under ``torch.compile``);
-    the caller has done the checks that need no device values."""
-    return moba_fwd(q, k, v, cu_seqlens, chunk, topk, softmax_scale, max_seqlen, full, backend, valid)[0]
+    the caller has done the checks that need no device values. Whether a backward can follow is
+    decided here, outside the operator (a constant of the traced graph)."""
+    forward_only = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return moba_fwd(q, k, v, cu_seqlens, chunk, topk, softmax_scale, max_seqlen, full, backend, valid,
+                    forward_only)[0]
 
 
 __all__ = ["PADDING_ERROR", "moba_attention", "moba_bwd", "moba_fwd"]

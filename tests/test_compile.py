@@ -328,3 +328,36 @@ def _cp_body(rank, world):
 
 def test_context_parallel_breaks_once_per_call():
     run_distributed(_cp_body, 2)
+
+
+def test_training_op_plans_with_the_training_budget(monkeypatch):
+    """Inside a custom operator no input requires gradients, so the op cannot tell a training
+    call from prefill by itself: the compiled training forward and its backward must plan with
+    the training workspace budget (the eager training call's), not prefill's quarter of it."""
+    import moba_dist.parallel.moba_cp as moba_cp
+    from moba_dist.ops import moba_attention
+
+    budgets = []
+    real = moba_cp.row_window
+
+    def row_window(budget, *args, **kwargs):
+        budgets.append(budget)
+        return real(budget, *args, **kwargs)
+
+    monkeypatch.setattr(moba_cp, "row_window", row_window)
+    monkeypatch.setattr(moba_cp, "workspace_bytes", lambda q, k, v: 1 << 24)  # above 4 x MIN_WORKSPACE
+    q, k, v = qkv()
+    scale = D ** -0.5
+
+    moba_dist.moba_attn_varlen(q, k, v, CU, MAX_SEQLEN, *SPARSE).sum().backward()  # eager training
+    eager = budgets[:]
+    budgets.clear()
+    moba_attention(q, k, v, CU, *SPARSE, scale).sum().backward()  # the op: forward, then backward
+    op = budgets[:]
+    budgets.clear()
+    with torch.no_grad():
+        moba_attention(q, k, v, CU, *SPARSE, scale)
+    prefill = budgets[:]
+    assert eager and set(eager) == {1 << 24}
+    assert op == [1 << 24, 1 << 24]
+    assert prefill == [1 << 22]

@@ -151,12 +151,15 @@ def moba_pipeline(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chun
 def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: int, topk: int,
               softmax_scale: float, comm: Comm | None, backend: str | None,
               keep_fetched: bool | None = None, sel: torch.Tensor | None = None, host_syncs: int = 1,
-              settings: Settings | None = None):
+              settings: Settings | None = None, forward_only: bool | None = None):
     """Gate (unless ``sel [n, Hq, topk - 1]``, an earlier gate's selection, is given) and plan:
     returns ``(meta, sel, stats)``, ``meta`` the :class:`~moba_dist.core.CoreMeta` of
     :func:`~moba_dist.core.core_forward`/``core_backward``. Collectives: the block-sum all-gather
     (only when gating) and the selection-count all-gather (host sync B). ``settings``: the step
-    plan's (default: read from the environment now); ``keep_fetched`` overrides its field."""
+    plan's (default: read from the environment now); ``keep_fetched`` overrides its field.
+    ``forward_only``: no backward will follow (prefill: a quarter of the workspace budget);
+    default: no gradient can be asked of ``q, k, v`` here. A custom operator passes it, since
+    inside one the inputs never require gradients, whether or not its caller's do."""
     if settings is None:
         settings = Settings.from_env()
     world, rank = (comm.world, comm.rank) if comm else (1, 0)
@@ -171,7 +174,9 @@ def moba_plan(q, k, v, cu_seqlens: torch.Tensor, offsets: torch.Tensor, chunk: i
     if keep_fetched is None:
         keep_fetched = settings.keep_fetched
     budget = workspace_bytes(q, k, v)
-    if _forward_only(q, k, v) and workspace_override() is None:
+    if forward_only is None:
+        forward_only = _forward_only(q, k, v)
+    if forward_only and workspace_override() is None:
         # Prefill: the peak is the inputs and the output plus this scratch, set against an
         # inference kernel's, which has almost none; a quarter of the training budget.
         budget = max(MIN_WORKSPACE, budget // 4)
