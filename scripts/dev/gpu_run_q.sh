@@ -17,7 +17,7 @@ for t in 40 80 120 160; do sleep 40; kill -0 $pid 2>/dev/null && { echo "--- dum
 wait $pid; echo "new compile rc=$?"
 tr "\r" "\n" < $OUT/train_new.log | grep -oE "\[train\] step.*|\[train\] peak.*|Recompiling.*|- .*guard.*|Graph break in user.*" | cut -c1-220 | head -30
 ( cd .ab/old && export PYTHONPATH=/tmp/site:$ROOT/.ab/old
-  timeout 120 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba --compile \
+  timeout 100 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba --compile \
     --out-dir /tmp/q_old > $OUT/train_old.log 2>&1; echo "old compile rc=$?" )
 tr "\r" "\n" < $OUT/train_old.log | grep -oE "\[train\] step.*|\[train\] peak.*" | cut -c1-220
 timeout 80 python scripts/train.py --preset gpu --eval-batches 1 --seq-len 65536 --steps 3 --attn moba \
