@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/dev/gpu_setup.sh
 ROOT=$PWD; LOG=$OUT/run_q.log
-steps() { tr "\r" "\n" < "$1" | grep -oE "\[train\] step.*|\[train\] peak.*|Recompiling.*|- .*guard.*|Graph break in user.*" | cut -c1-220 | head -30; }
+steps() { tr "\r" "\n" < "$1" | grep -oE "\[train\] step.*|\[train\] peak.*|Recompiling.*|- [0-9]+/[0-9]+: .*|Graph break in user.*" | cut -c1-220 | head -30; }
 train() {  # name seq steps timeout extra...
   local name=$1 seq=$2 n=$3 t=$4; shift 4
   timeout $t python scripts/train.py --preset gpu --eval-batches 1 --seq-len $seq --steps $n --attn moba "$@" \
