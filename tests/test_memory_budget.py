@@ -47,7 +47,7 @@ def _check(seg_counts: list[int], seg_len: list[int], budget: int, pair_bytes: i
     return batches
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 64)), min_size=1, max_size=40),
        st.integers(1, 1 << 16), st.integers(1, 600), st.integers(1, 200))
 def test_batches_never_exceed_the_budget(segs, budget, pair_bytes, key_bytes):
