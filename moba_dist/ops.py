@@ -22,7 +22,7 @@ from torch import Tensor
 from ._validation import check_cu_seqlens, check_max_seqlen
 from .core import core_backward, core_forward
 from .kernels import accum_dtype, get_backend
-from .parallel.moba_cp import moba_plan
+from .parallel.moba_cp import _forward_only, moba_plan
 from .stats import MoBAStats, record
 
 PADDING_ERROR = ("attention_mask: moba_dist does not support padding; pack the sequences into one row "
@@ -144,9 +144,8 @@ def moba_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, chunk: i
     """The output of :func:`moba_fwd` (what the public functions return under ``torch.compile``);
     the caller has done the checks that need no device values. Whether a backward can follow is
     decided here, outside the operator (a constant of the traced graph)."""
-    forward_only = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     return moba_fwd(q, k, v, cu_seqlens, chunk, topk, softmax_scale, max_seqlen, full, backend, valid,
-                    forward_only)[0]
+                    _forward_only(q, k, v))[0]
 
 
 __all__ = ["PADDING_ERROR", "moba_attention", "moba_bwd", "moba_fwd"]
