@@ -338,7 +338,7 @@ def errors_worker(rank, world):
 
 
 def test_errors_raise_on_every_rank_and_a_failing_rank_hangs_no_one():
-    run_distributed(errors_worker, 2, timeout=120)
+    run_distributed(errors_worker, 2, timeout=120, fresh=True)  # a rank fails on purpose
 
 
 def test_old_triton_is_named_with_the_minimum():

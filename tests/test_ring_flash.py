@@ -89,4 +89,4 @@ def test_ring_flash_attn_algorithms_through_our_relayouts(tmp_path):
     (tmp_path / "flash_attn").mkdir()
     (tmp_path / "flash_attn" / "__init__.py").write_text("")
     (tmp_path / "flash_attn" / "flash_attn_interface.py").write_text(FAKE_FLASH_ATTN)
-    run_distributed(rfa_worker, 3, str(tmp_path))
+    run_distributed(rfa_worker, 3, str(tmp_path), fresh=True)  # a stand-in flash_attn on sys.path

@@ -1,10 +1,11 @@
 """scripts/train.py on CPU under torchrun (2 gloo ranks, context parallel): the loss goes down,
-the outputs are written, and a resumed run ends in bitwise the state of an uninterrupted one."""
+the outputs are written, and a resumed run reaches bitwise the state of an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,36 @@ def train(*args: str, nproc: int = 2) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), out
 
 
+# Several train.py runs in one process (start-up, mostly imports, costs more than a tiny run):
+# each a fresh process group and fresh torch.compile state (caches and counters).
+_RUNS = """
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "scripts"))
+import torch
+import train
+for argv in json.loads(sys.argv[2]):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    print("[runs] " + json.dumps(train.main(argv)), flush=True)
+"""
+
+
+def train_runs(*argvs: list[str], timeout: float = 300) -> list[dict]:
+    """``scripts/train.py`` once per ``argv`` (each after ``TINY``), one after the other in one
+    plain ``python`` process (a world of one); return their summaries."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    cmd = [sys.executable, "-c", _RUNS, REPO, json.dumps([[*TINY, *argv] for argv in argvs])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = [json.loads(line[len("[runs] "):]) for line in proc.stdout.splitlines()
+                 if line.startswith("[runs] ")]
+    assert len(summaries) == len(argvs), proc.stdout[-3000:]
+    return summaries
+
+
 def load_checkpoint(path: str, tmp_path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -56,9 +87,10 @@ def test_train_learns_writes_outputs_and_resumes_exactly(tmp_path):
     full_ckpt, split_ckpt = tmp_path / "ckpt_full", tmp_path / "ckpt_split"
     out_full, out_split = tmp_path / "out_full", tmp_path / "out_split"
 
-    # Uninterrupted: 12 steps, held-out evaluation every 6, checkpoint at the end.
+    # Uninterrupted: 12 steps, held-out evaluation every 6, checkpoints every 3 and at the end.
     summary, _ = train("--steps", "12", "--eval-every", "6", "--out-dir", str(out_full),
-                       "--ckpt-dir", str(full_ckpt))
+                       "--ckpt-dir", str(full_ckpt), "--ckpt-every", "3")
+    assert sorted(os.listdir(full_ckpt)) == [f"step_{n:07d}" for n in (3, 6, 9, 12)]
     rows = json.loads((out_full / "metrics.json").read_text())["rows"]
     losses = [r["loss"] for r in rows]
     assert len(losses) == 12 and summary["steps"] == 12 and summary["cp"] == 2 and summary["dp"] == 1
@@ -73,17 +105,20 @@ def test_train_learns_writes_outputs_and_resumes_exactly(tmp_path):
     assert (out_full / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out_full / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss,eval_acc")
 
-    # Interrupted: the same 12-step schedule stops after step 6 (checkpoint), a new launch resumes.
-    train("--steps", "12", "--stop-after", "6", "--eval-every", "6", "--out-dir", str(out_split), "--ckpt-dir", str(split_ckpt))  # noqa: E501
-    resumed, out = train("--steps", "12", "--eval-every", "6", "--out-dir", str(out_split),
-                         "--ckpt-dir", str(split_ckpt), "--resume")
-    assert "resumed at step 6" in out
+    # Interrupted: a new launch resumes the same 12-step schedule from the step-6 checkpoint (as
+    # if the run had died after it) and stops after step 9 (checkpointed).
+    split_ckpt.mkdir()
+    shutil.copytree(full_ckpt / "step_0000006", split_ckpt / "step_0000006")
+    resumed, out = train("--steps", "12", "--stop-after", "9", "--eval-every", "6", "--out-dir",
+                         str(out_split), "--ckpt-dir", str(split_ckpt), "--resume")
+    assert "resumed at step 6" in out and resumed["steps"] == 9
     rows_split = json.loads((out_split / "metrics.json").read_text())["rows"]
-    assert [r["loss"] for r in rows_split] == losses  # bitwise: steps 7-12 ran after the resume
-    assert resumed["eval_acc"] == summary["eval_acc"]
+    assert [r["loss"] for r in rows_split] == losses[:9]  # bitwise: steps 7-9 ran after the resume
+    assert rows_split[5]["eval_acc"] == rows[5]["eval_acc"]  # step 6's, from the checkpoint
+    assert sorted(os.listdir(split_ckpt)) == ["step_0000006", "step_0000009"]
 
-    a = dict(flat(load_checkpoint(str(full_ckpt / "step_0000012"), tmp_path)))
-    b = dict(flat(load_checkpoint(str(split_ckpt / "step_0000012"), tmp_path)))
+    a = dict(flat(load_checkpoint(str(full_ckpt / "step_0000009"), tmp_path)))
+    b = dict(flat(load_checkpoint(str(split_ckpt / "step_0000009"), tmp_path)))
     assert a.keys() == b.keys()
     assert any(k.startswith("model.") for k in a) and any(k.startswith("optim.state") for k in a)
     for k in a:
@@ -112,13 +147,9 @@ def test_generate_script_on_train_checkpoints(tmp_path):
              "--eval-every", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    ckpts = {}
-    for attn in ("moba", "full"):
-        ckpts[attn] = tmp_path / f"ckpt_{attn}"
-        cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), *TINY, *small, "--attn", attn,
-               "--out-dir", str(tmp_path / f"train_{attn}"), "--ckpt-dir", str(ckpts[attn])]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpts = {attn: tmp_path / f"ckpt_{attn}" for attn in ("moba", "full")}
+    train_runs(*([*small, "--attn", attn, "--out-dir", str(tmp_path / f"train_{attn}"), "--ckpt-dir",
+                  str(ckpts[attn])] for attn in ckpts))
 
     # Weights: exactly those saved (DCP converted to a torch.save file independently).
     model, settings, label = gen.load_checkpoint(str(ckpts["moba"]), torch.device("cpu"), torch.float32)
@@ -161,17 +192,12 @@ def test_train_compile_one_process(tmp_path):
     checkpointing (which must stay outside the traced forward: transformers' hub-kernel RMSNorm
     breaks the graph inside a checkpoint region)."""
     small = ["--seq-len", "64", "--batch", "4", "--steps", "3", "--eval-every", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    runs = {}
     compiled_args = ["--compile", "--compile-backend", "aot_eager"]
-    for name, extra in (("eager", []), ("compiled", compiled_args),
-                        ("compiled_ckpt", [*compiled_args, "--checkpointing"])):
-        cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), *TINY, *small, *extra,
-               "--out-dir", str(tmp_path / name)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    extras = {"eager": [], "compiled": compiled_args, "compiled_ckpt": [*compiled_args, "--checkpointing"]}
+    summaries = train_runs(*([*small, *extra, "--out-dir", str(tmp_path / name)]
+                             for name, extra in extras.items()))
+    runs = {}
+    for name, summary in zip(extras, summaries):
         rows = json.loads((tmp_path / name / "metrics.json").read_text())["rows"]
         runs[name] = summary, [r["loss"] for r in rows if "loss" in r]
     eager, eager_losses = runs["eager"]
