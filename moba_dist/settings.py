@@ -2,7 +2,10 @@
 
 Each field has a documented ``MOBA_DIST_*`` environment override. The variables are read once,
 by :meth:`Settings.from_env`, when a :class:`~moba_dist.StepPlan` is made (or, for a call without
-a plan, once at the start of that call); nothing on the per-layer path reads the environment.
+a plan, once at the start of that call); no field is read from the environment on a layer's
+path. Two variables are not fields: ``$MOBA_DIST_ATTN_BACKEND`` and ``$MOBA_DIST_RING_IMPL``
+stand in for the ``backend=`` and ``impl=`` arguments and are looked up where a call resolves
+them (a dictionary lookup per call, no device work); the handshake checks that ranks agree on them.
 Pass ``StepPlan(..., settings=Settings(...))`` to choose in code instead.
 """
 
