@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -257,3 +259,33 @@ def test_gpu_bf16_against_float64_and_deterministic():
     dense(qd, kd, vd, mask, scale)[0].backward(go.double())
     for got, want in zip(g1, (qd.grad, kd.grad, vd.grad)):
         assert (got.double().cpu() - want).abs().max() < 5e-2 * max(1.0, want.abs().max().item())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 5),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_plan_pairs_groups_pairs_by_segment_stably(m, hq, s, num_segments, block_m, wide, seed):
+    """``plan_pairs`` against a plain loop: pair ids by segment in id order, unselected last;
+    the segment bounds, tile numbering and heaviest-first order. ``wide``: segment ids past
+    16 bits (the int32 keys)."""
+    g = torch.Generator().manual_seed(seed)
+    nseg = num_segments + (40000 if wide else 0)
+    sel = torch.randint(-1, num_segments, (m, hq, s), generator=g, dtype=torch.int32)
+    if wide:
+        sel = torch.where(sel >= 0, sel + 40000, sel)
+    plan = tm.plan_pairs(sel.to(DEV), nseg, block_m)
+    flat = sel.flatten().tolist()
+    groups = [[] for _ in range(nseg + 1)]  # the last: unselected pairs
+    for p, x in enumerate(flat):
+        groups[x if x >= 0 else nseg].append(p)
+    assert plan.order.dtype == torch.int32
+    assert plan.order.tolist() == [p for grp in groups for p in grp]
+    groups = groups[:nseg]
+    counts = [len(grp) for grp in groups]
+    bounds, tiles = [0], [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+        tiles.append(tiles[-1] + -(-c // block_m))
+    assert plan.seg_pairs.tolist() == bounds and plan.seg_tiles.tolist() == tiles
+    assert plan.heavy_first.tolist() == sorted(range(nseg), key=lambda x: (-counts[x], x))
+    assert plan.max_tiles >= tiles[-1]
