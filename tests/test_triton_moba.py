@@ -289,3 +289,18 @@ def test_plan_pairs_groups_pairs_by_segment_stably(m, hq, s, num_segments, block
     assert plan.seg_pairs.tolist() == bounds and plan.seg_tiles.tolist() == tiles
     assert plan.heavy_first.tolist() == sorted(range(nseg), key=lambda x: (-counts[x], x))
     assert plan.max_tiles >= tiles[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_delta_is_the_float32_rowsum_of_the_products(dtype):
+    """``row_delta`` against a float64 sum of the products, on a strided (transposed) ``out``
+    and a head dim that is not a power of two."""
+    g = torch.Generator().manual_seed(7)
+    n, hq, d = 37, 3, 24
+    dout = torch.randn(n, hq, d, generator=g).to(dtype).to(DEV)
+    out = torch.randn(hq, n, d, generator=g).to(dtype).to(DEV).transpose(0, 1)
+    got = tm.row_delta(dout, out)
+    want = (dout.double() * out.double()).sum(-1).t()
+    assert got.dtype == torch.float32 and got.shape == (hq, n)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert tm.row_delta(dout[:0], out[:0]).shape == (hq, 0)

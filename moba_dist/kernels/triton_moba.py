@@ -415,6 +415,37 @@ def _dq_sum_kernel(dq_part_ptr, sel_ptr, seg_len_ptr, base_ptr, dq_ptr, rows, S:
 
 
 @triton.jit
+def _delta_kernel(do_ptr, o_ptr, delta_ptr, rows, n, stride_don, stride_doh, stride_on, stride_oh,
+                  HQ: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``delta[h, i] = sum_d dout[i, h, d] * out[i, h, d]`` in float32 for ``BLOCK_R`` rows
+    ``i * Hq + h`` (FlashAttention's ``rowsum(dO * O)``; one pass over both, no float32 copies)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rm = r < rows
+    i = r // HQ
+    h = r % HQ
+    d = tl.arange(0, DP)
+    m = rm[:, None] & (d < D)[None, :]
+    do = tl.load(do_ptr + (i * stride_don + h * stride_doh)[:, None] + d[None, :], mask=m, other=0.0)
+    o = tl.load(o_ptr + (i * stride_on + h * stride_oh)[:, None] + d[None, :], mask=m, other=0.0)
+    tl.store(delta_ptr + h * n + i, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=rm)
+
+
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``[Hq, n]`` float32 ``sum(dout * out, -1)`` of ``[n, Hq, D]`` tensors (any float dtypes),
+    the products and their sum in float32."""
+    n, hq, d = out.shape
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    delta = torch.empty(hq, n, dtype=torch.float32, device=out.device)
+    if n:
+        block_r = 64
+        _delta_kernel[(triton.cdiv(n * hq, block_r),)](
+            dout, out, delta, n * hq, n, dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
+            HQ=hq, D=d, DP=max(16, _next_pow2(d)), BLOCK_R=block_r, num_warps=4)
+    return delta
+
+
+@triton.jit
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, self_o_ptr, self_lse_ptr, out_ptr, lse_ptr,
     rows, n, row0, stride_so_r,
@@ -664,13 +695,7 @@ def selected_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k_pool: torch.Tensor,
         dq_base = dq_base.contiguous()
     if n == 0 or slots == 0 or nseg == 0:
         return (dq.copy_(dq_base) if dq_base is not None else dq.zero_()), dk, dv
-    # delta = rowsum(dO * O) of the final output, as in FlashAttention's backward; in row
-    # windows, so the float32 products never exceed the scratch budget.
-    delta = torch.empty(hq, n, dtype=torch.float32, device=q.device)
-    step = max(1, cfg.max_partial_bytes // max(1, 3 * hq * d * 4))
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        delta[:, a:b] = (dout[a:b].float() * out[a:b].float()).sum(-1).t()
+    delta = row_delta(dout, out)  # rowsum(dO * O) of the final output, as in FlashAttention
     lse = lse.float().contiguous()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     seg_off = _offsets(seg_start, seg_offset, k_pool)
