@@ -15,6 +15,7 @@ bench() {  # name dir timeout args...
   grep -E "^method=|Error|error" $W/$name.log | cut -c1-240
 }
 {
+timeout 150 python -m pytest -q -m gpu tests/test_triton_moba.py tests/test_fused_selected.py -x 2>&1 | tail -3
 bench b512 $ROOT 200 --sizes 524288 --seqs 2 --configs 128:8,4096:12 --anchors fa2 --iters 2
 [ -d .ab/base/moba_dist ] && bench b512_base $ROOT/.ab/base 90 --sizes 524288 --seqs 2 --configs 128:8 --anchors "" --iters 2
 bench p1m $ROOT 200 --sizes 1048576 --seqs 1 --configs 128:8,4096:12 --anchors fa2 --iters 2 --forward-only
