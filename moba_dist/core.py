@@ -585,9 +585,11 @@ def _selected_backward(dout, q, k, v, out, lse, recv, dq, dk, dv, meta: CoreMeta
     rows are added into ``dk, dv [n, Hkv, D]`` (the self part's, contiguous) in place."""
     r, (n, hkv, d) = recv.shape[0], k.shape
     if meta.fused is not None:
+        from .kernels.triton_moba import add_head_major_
+
         dq, dk_pool, dv_pool = _fused_backward(dout, q, out, lse, recv, k, v, dq, meta)
-        dk.add_(dk_pool[r:].view(hkv, n, d).transpose(0, 1))
-        dv.add_(dv_pool[r:].view(hkv, n, d).transpose(0, 1))
+        add_head_major_(dk, dk_pool[r:])
+        add_head_major_(dv, dv_pool[r:])
         return dq, dk_pool[:r], dv_pool[:r]
     # A key row gets one gradient per batch that reads it: from each piece of a split segment
     # and, where a causal prefix overlaps a selected block, from both. Batches add in order, and

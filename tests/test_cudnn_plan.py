@@ -173,8 +173,8 @@ def test_bucket_grid():
 
 
 def test_shape_class_and_key_are_stable_within_a_bucket():
-    a = shape_class(3, 1000, 4100, 2500, 9000)
-    b = shape_class(4, 1020, 4200, 2520, 9100)
+    a = shape_class(3, 1000, 4100, 2500, 9000, 256, 256, 128)
+    b = shape_class(4, 1020, 4200, 2520, 9100, 256, 256, 128)
     assert a == b == ShapeClass(4, 1024, 5120, 2560, 9216)
     assert shape_class(5, 1000, 4100) != a
     args = (torch.bfloat16, True, 0.125, 0)
@@ -183,6 +183,19 @@ def test_shape_class_and_key_are_stable_within_a_bucket():
     assert graph_key("fwd", a, 16, 4, 128, *args) != graph_key("fwd", a, 16, 4, 128, torch.bfloat16,
                                                                True, 0.1, 0)
     assert math.isclose(shape_class(1, 1, 1).seqlen_q, 64)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(1, 64), (1, 128), (4, 128), (16, 128), (32, 256)])
+def test_shape_class_totals_bound_the_accumulator_overshoot(heads, head_dim):
+    # A total's class may size a float32 [rows, heads, head_dim] accumulator above the total by
+    # at most 1/8 of it or 32 MiB, whichever is more; every total up to 32 MiB shares one class.
+    row = 4 * heads * head_dim
+    small = {shape_class(1, 64, 64, t, t, heads, heads, head_dim) for t in range(1, (32 << 20) // row + 1, 97)}
+    assert len(small) == 1
+    for t in list(range(1, 1 << 22, 4099)) + [1 << 20, (1 << 20) + 1, 3 << 21, 10**7]:
+        cls = shape_class(1, 64, 64, t, t, heads, heads, head_dim)
+        assert cls.total_q == cls.total_k >= t
+        assert (cls.total_q - t) * row <= max(32 << 20, t * row / 8)
 
 
 def test_variants():

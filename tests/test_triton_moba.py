@@ -292,6 +292,21 @@ def test_plan_pairs_groups_pairs_by_segment_stably(m, hq, s, num_segments, block
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_head_major_equals_torchs_add_of_the_transposed_rows(dtype):
+    """Bitwise PyTorch's ``dst.add_(src.view(H, n, D).transpose(0, 1))`` (a float32 sum rounded
+    once), on a ``dst`` with padded rows and a head dim that is not a power of two."""
+    g = torch.Generator().manual_seed(3)
+    n, hkv, d = 45, 3, 24
+    dst = torch.randn(n, hkv, d + 8, generator=g).to(dtype).to(DEV)[..., :d]
+    src = (torch.randn(hkv * n, d, generator=g) * 1e-2).to(DEV)
+    want = dst.clone().add_(src.view(hkv, n, d).transpose(0, 1))
+    got = tm.add_head_major_(dst, src)
+    assert got.data_ptr() == dst.data_ptr() and torch.equal(got, want)
+    with pytest.raises(ValueError, match="add_head_major_"):
+        tm.add_head_major_(dst, src[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_delta_is_the_float32_rowsum_of_the_products(dtype):
     """``row_delta`` against a float64 sum of the products, on a strided (transposed) ``out``
     and a head dim that is not a power of two."""

@@ -90,16 +90,32 @@ class ShapeClass:
     total_k: int = 0
 
 
+# Token totals bound the backward's float32 accumulators (rows x heads x head dim x 4 bytes).
+# Below this many accumulator bytes they share one class: the selected part of MoBA makes
+# hundreds of small calls per layer whose totals differ by a few rows, and on a fine grid each
+# new total was a new graph (tens per training step, up to seconds each to build).
+TOTAL_GRANULE_BYTES = 32 << 20
+
+
+def total_granule(heads: int, head_dim: int) -> int:
+    """Rows of the totals' grid step at small totals: a power of two >= 64 whose float32
+    accumulator (``heads x head_dim``) is at most :data:`TOTAL_GRANULE_BYTES`."""
+    rows = TOTAL_GRANULE_BYTES // max(4 * heads * head_dim, 1)
+    return max(64, 1 << max(rows.bit_length() - 1, 0))
+
+
 def shape_class(n_segments: int, max_seqlen_q: int, max_seqlen_k: int, total_q: int = 0,
-                total_k: int = 0) -> ShapeClass:
+                total_k: int = 0, heads_q: int = 1, heads_k: int = 1, head_dim: int = 128) -> ShapeClass:
     """The shape class of a call: segments to the next power of two (padding segments are empty),
-    max lengths to a quarter-octave grid of multiples of 64, totals to an eighth-octave grid."""
+    max lengths to a quarter-octave grid of multiples of 64, totals to an eighth-octave grid whose
+    step is at least :func:`total_granule` rows (an accumulator overshoot of at most 1/8 or 32 MiB)."""
+    gq, gk = total_granule(heads_q, head_dim), total_granule(heads_k, head_dim)
     return ShapeClass(
         batch=bucket(n_segments),
         seqlen_q=bucket(max_seqlen_q, 4, 64),
         seqlen_k=bucket(max_seqlen_k, 4, 64),
-        total_q=bucket(total_q, 8, 64) if total_q else 0,
-        total_k=bucket(total_k, 8, 64) if total_k else 0,
+        total_q=bucket(total_q, 8, gq) if total_q else 0,
+        total_k=bucket(total_k, 8, gk) if total_k else 0,
     )
 
 
@@ -734,7 +750,7 @@ class CudnnBackend:
         dev = self._device(q)
         cudnn = self._require()
         deterministic = torch.are_deterministic_algorithms_enabled()
-        cls = shape_class(n_seg, max_seqlen_q, max_seqlen_k, tq, tk)
+        cls = shape_class(n_seg, max_seqlen_q, max_seqlen_k, tq, tk, hq, hkv, d)
         key = graph_key("bwd", cls, hq, hkv, d, q.dtype, causal, softmax_scale, dev.index, deterministic)
 
         def build(variant):

@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from .triton_decode import _bf16_rne
 from .triton_version import require_triton
 
 require_triton(triton.__version__)
@@ -443,6 +444,45 @@ def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             dout, out, delta, n * hq, n, dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
             HQ=hq, D=d, DP=max(16, _next_pow2(d)), BLOCK_R=block_r, num_warps=4)
     return delta
+
+
+@triton.jit
+def _add_head_major_kernel(dst_ptr, src_ptr, rows, n, stride_dn, stride_dh, HKV: tl.constexpr,
+                           D: tl.constexpr, DP: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BF16: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``dst[i, h] += src[h * n + i]`` for ``BLOCK_R`` rows ``i * Hkv + h`` of ``dst``, the sum
+    in float32 and rounded once to ``dst``'s dtype (to nearest even, also in the interpreter)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rm = r < rows
+    i = r // HKV
+    h = r % HKV
+    d = tl.arange(0, DP)
+    m = rm[:, None] & (d < D)[None, :]
+    dst = dst_ptr + (i * stride_dn + h * stride_dh)[:, None] + d[None, :]
+    acc = tl.load(dst, mask=m, other=0.0).to(tl.float32)
+    acc += tl.load(src_ptr + (h * n + i)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    if BF16:
+        acc = _bf16_rne(acc, INTERPRETED)
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+def add_head_major_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst [n, Hkv, D] += src`` where ``src [Hkv * n, D]`` is head-major (row ``h * n + i``),
+    in place, as ``dst.add_(src.view(Hkv, n, D).transpose(0, 1))`` computes it (float32 sum, one
+    rounding) but in one pass of coalesced rows: PyTorch's mixed-dtype add over the transposed
+    float32 rows took 6 ms per 1M x 4 x 128 tensor on an H100 (2 x 512K, 128/8), this 1-2 ms."""
+    n, hkv, d = dst.shape
+    if src.shape != (hkv * n, d) or dst.stride(-1) != 1:
+        raise ValueError(f"add_head_major_: dst {tuple(dst.shape)} (unit-stride rows), src "
+                         f"{tuple(src.shape)}: expected src [{hkv * n}, {d}]")
+    src = src if src.is_contiguous() else src.contiguous()
+    if n:
+        block_r = 32
+        _add_head_major_kernel[(triton.cdiv(n * hkv, block_r),)](
+            dst, src, n * hkv, n, dst.stride(0), dst.stride(1), HKV=hkv, D=d,
+            DP=max(16, _next_pow2(d)), BLOCK_R=block_r, BF16=dst.dtype == torch.bfloat16,
+            INTERPRETED=dst.device.type == "cpu", num_warps=4)
+    return dst
 
 
 @triton.jit
