@@ -190,7 +190,8 @@ def test_shape_class_totals_bound_the_accumulator_overshoot(heads, head_dim):
     # A total's class may size a float32 [rows, heads, head_dim] accumulator above the total by
     # at most 1/8 of it or 32 MiB, whichever is more; every total up to 32 MiB shares one class.
     row = 4 * heads * head_dim
-    small = {shape_class(1, 64, 64, t, t, heads, heads, head_dim) for t in range(1, (32 << 20) // row + 1, 97)}
+    totals = range(1, (32 << 20) // row + 1, 97)
+    small = {shape_class(1, 64, 64, t, t, heads, heads, head_dim) for t in totals}
     assert len(small) == 1
     for t in list(range(1, 1 << 22, 4099)) + [1 << 20, (1 << 20) + 1, 3 << 21, 10**7]:
         cls = shape_class(1, 64, 64, t, t, heads, heads, head_dim)
